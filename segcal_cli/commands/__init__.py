@@ -1,0 +1,1 @@
+"""Thin typer commands. Each module defines one `*_command` function that `cli.py` registers."""

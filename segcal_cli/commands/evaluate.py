@@ -1,0 +1,10 @@
+"""segcal evaluate (stub: to be implemented)."""
+
+from __future__ import annotations
+
+from segcal_cli.errors import InputError
+
+
+def evaluate_command() -> None:
+    """Not implemented yet."""
+    raise InputError("not implemented yet")

@@ -1,0 +1,222 @@
+"""The streaming engine: stored read units -> validated float32 logit blocks on the device.
+
+A background thread reads the next unit(s) from storage (and pins them on CUDA) while the consumer works
+on the current block; decoding in h5py / numcodecs and torch kernels both release the GIL, so reading and
+compute overlap. Conversion happens on the device: float16 crosses PCIe at half the bytes.
+
+Per block the engine:
+* moves the class axis first and flattens space (C order) -> (C, n);
+* converts the input kind to logits (probs -> log(max(p, tiny)); one channel z -> two classes (0, z));
+* checks logits are finite, probabilities in [0, 1], labels in [0, C) or the ignore index;
+* builds `valid` from the ignore index and the mask.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from segcal_cli.errors import InputError
+from segcal_cli.io.blocks import Region, region_shape
+from segcal_cli.io.cases import CaseInfo
+from segcal_cli.io.dataset import Dataset, RawUnit
+
+
+@dataclass
+class Block:
+    logits: torch.Tensor  # (C, n) float32, classes first, canonical logits
+    labels: torch.Tensor | None  # (n,) int64; 0 where invalid
+    valid: torch.Tensor  # (n,) bool
+    case_index: int
+    case_id: str
+    region: Region
+    shape: tuple[int, ...]
+
+    @property
+    def num_voxels(self) -> int:
+        return self.logits.shape[1]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return torch.device(name)
+
+
+_STOP = object()
+
+
+class _Prefetcher:
+    """Runs an iterator in a thread, `depth` items ahead; re-raises its errors in the consumer."""
+
+    def __init__(self, source: Iterator, depth: int, transform=None):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._source = source
+        self._transform = transform
+        self._thread = threading.Thread(target=self._run, name="segcal-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                if self._transform is not None:
+                    item = self._transform(item)
+                if not self._put(item):
+                    return
+            self._put(_STOP)
+        except BaseException as err:  # handed to the consumer thread
+            self._put(err)
+        finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def _pin(raw: RawUnit) -> RawUnit:
+    """On CUDA: copy the stored arrays into page-locked memory so the host->device copy is asynchronous."""
+    raw.logits = torch.from_numpy(np.ascontiguousarray(raw.logits)).pin_memory()
+    if raw.labels is not None:
+        raw.labels = torch.from_numpy(np.ascontiguousarray(raw.labels)).pin_memory()
+    if raw.mask is not None:
+        raw.mask = torch.from_numpy(np.ascontiguousarray(raw.mask)).pin_memory()
+    return raw
+
+
+def _as_tensor(array, device: torch.device) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.to(device, non_blocking=True)
+    array = np.asarray(array)
+    if array.dtype == np.uint16 or array.dtype == np.uint32 or array.dtype == np.uint64:
+        array = array.astype(np.int64)  # torch has no unsigned types above uint8
+    if array.dtype.kind == "b":
+        array = array.astype(np.uint8)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array).to(device)
+
+
+def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: Dataset) -> torch.Tensor:
+    """(C_stored, *shape) in the stored dtype -> (C, n) float32 canonical logits."""
+    x = stored if stored.dtype == torch.float32 else stored.float()
+    if case.class_axis != 0:
+        x = x.movedim(case.class_axis, 0)
+    x = x.reshape(x.shape[0], -1)
+    if input_kind == "probs":
+        bad = ~((x >= 0) & (x <= 1))
+        if bool(bad.any()):
+            n_bad = int(bad.sum())
+            raise InputError(f"{n_bad} probabilities outside [0, 1] (or NaN) in a block with --input-kind probs",
+                             source=case.source, case=case.id)
+        if case.stored_classes == 1:
+            x = torch.cat([1.0 - x, x], dim=0)
+        x = x.clamp_min(torch.finfo(torch.float32).tiny).log()
+    else:
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            count = dataset.count_nonfinite(dataset.cases.index(case))
+            raise InputError(f"logits contain {count} NaN or Inf values", source=case.source, case=case.id)
+        if case.stored_classes == 1:
+            if input_kind == "logprobs":  # log p1 -> (log(1 - p1), log p1)
+                other = torch.log1p(-torch.exp(x.clamp_max(0.0))).clamp_min(-1e30)
+                x = torch.cat([other, x], dim=0)
+            else:  # a sigmoid logit z is the two-class softmax of (0, z)
+                x = torch.cat([torch.zeros_like(x), x], dim=0)
+    return x
+
+
+def _labels_and_valid(raw_labels, raw_mask, n: int, case: CaseInfo, options, device, num_classes: int):
+    valid = torch.ones(n, dtype=torch.bool, device=device)
+    labels = None
+    if raw_labels is not None:
+        lab = _as_tensor(raw_labels, device).reshape(-1).to(torch.int64)
+        valid = lab != options.ignore_index
+        out_of_range = valid & ((lab < 0) | (lab >= num_classes))
+        if bool(out_of_range.any()):
+            bad = lab[out_of_range]
+            raise InputError(
+                f"{int(out_of_range.sum())} labels outside [0, {num_classes}) that are not the ignore index "
+                f"{options.ignore_index} (e.g. {int(bad[0])}); set --ignore-index if that value marks ignored voxels",
+                source=case.source, case=case.id)
+        labels = torch.where(valid, lab, torch.zeros_like(lab))
+    if raw_mask is not None:
+        valid &= _as_tensor(raw_mask, device).reshape(-1) != 0
+    return labels, valid
+
+
+def _slice_unit(raw: RawUnit, block_region: Region, case: CaseInfo):
+    """The part of a read unit that one block covers (a view; no copy when the unit is one block)."""
+    if len(raw.unit.blocks) == 1:
+        return raw.logits, raw.labels, raw.mask
+    local = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(block_region, raw.unit.region))
+    logit_index = list(local)
+    logit_index.insert(case.class_axis, slice(None))
+    logits = raw.logits[tuple(logit_index)]
+    labels = raw.labels[local] if raw.labels is not None else None
+    mask = raw.mask[local] if raw.mask is not None else None
+    return logits, labels, mask
+
+
+def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_labels: bool = True,
+                  prefetch: int = 2, device=None) -> Iterator[Block]:
+    device = torch.device(device) if device is not None else dataset.device
+    options = dataset.options
+    source = dataset.iter_raw(cases, with_labels=with_labels)
+    transform = _pin if device.type == "cuda" else None
+    reader = _Prefetcher(source, prefetch, transform) if prefetch > 0 else None
+    units = iter(reader) if reader is not None else (transform(r) if transform else r for r in source)
+    valid_in_case = 0
+    try:
+        for raw in units:
+            case = dataset.cases[raw.case_index]
+            for region in raw.unit.blocks:
+                logits_np, labels_np, mask_np = _slice_unit(raw, region, case)
+                stored = _as_tensor(logits_np, device)
+                logits = _to_logits(stored, case, options.input_kind, dataset)
+                n = logits.shape[1]
+                labels, valid = _labels_and_valid(labels_np, mask_np, n, case, options, device,
+                                                  dataset.num_classes)
+                if dataset.require_labels and with_labels:
+                    valid_in_case += int(valid.sum())
+                yield Block(logits, labels, valid, raw.case_index, case.id, region, region_shape(region))
+            if raw.last_of_case:
+                if dataset.require_labels and with_labels and valid_in_case == 0:
+                    raise InputError("every voxel is ignored or masked: nothing to use in this case",
+                                     source=case.source, case=case.id)
+                valid_in_case = 0
+    finally:
+        if reader is not None:
+            reader.close()
