@@ -131,7 +131,7 @@ def _as_tensor(array, device: torch.device) -> torch.Tensor:
 
 def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: Dataset) -> torch.Tensor:
     """(C_stored, *shape) in the stored dtype -> (C, n) float32 canonical logits."""
-    x = stored if stored.dtype == torch.float32 else stored.float()
+    x = stored if stored.dtype == torch.float32 else stored.to(torch.float32)
     if case.class_axis != 0:
         x = x.movedim(case.class_axis, 0)
     x = x.reshape(x.shape[0], -1)
@@ -145,8 +145,10 @@ def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: D
             x = torch.cat([1.0 - x, x], dim=0)
         x = x.clamp_min(torch.finfo(torch.float32).tiny).log()
     else:
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
+        # One reduction instead of an element-wise test: a NaN or Inf anywhere makes the sum
+        # non-finite, and a finite sum proves every element finite (a float32 sum that overflows only sends us
+        # to the exact test). Only on failure count exactly.
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             count = dataset.count_nonfinite(dataset.cases.index(case))
             raise InputError(f"logits contain {count} NaN or Inf values", source=case.source, case=case.id)
         if case.stored_classes == 1:
@@ -159,7 +161,7 @@ def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: D
 
 
 def _labels_and_valid(raw_labels, raw_mask, n: int, case: CaseInfo, options, device, num_classes: int):
-    valid = torch.ones(n, dtype=torch.bool, device=device)
+    valid = None
     labels = None
     if raw_labels is not None:
         lab = _as_tensor(raw_labels, device).reshape(-1).to(torch.int64)
@@ -173,7 +175,10 @@ def _labels_and_valid(raw_labels, raw_mask, n: int, case: CaseInfo, options, dev
                 source=case.source, case=case.id)
         labels = torch.where(valid, lab, torch.zeros_like(lab))
     if raw_mask is not None:
-        valid &= _as_tensor(raw_mask, device).reshape(-1) != 0
+        in_mask = _as_tensor(raw_mask, device).reshape(-1) != 0
+        valid = in_mask if valid is None else valid & in_mask
+    if valid is None:
+        valid = torch.ones(n, dtype=torch.bool, device=device)
     return labels, valid
 
 
