@@ -131,7 +131,7 @@ def _as_tensor(array, device: torch.device) -> torch.Tensor:
 
 def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: Dataset) -> torch.Tensor:
     """(C_stored, *shape) in the stored dtype -> (C, n) float32 canonical logits."""
-    x = stored if stored.dtype == torch.float32 else stored.to(torch.float32)
+    x = stored if stored.dtype == torch.float32 else stored.to(torch.float32)  # one copy, on the device
     if case.class_axis != 0:
         x = x.movedim(case.class_axis, 0)
     x = x.reshape(x.shape[0], -1)
@@ -161,19 +161,24 @@ def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: D
 
 
 def _labels_and_valid(raw_labels, raw_mask, n: int, case: CaseInfo, options, device, num_classes: int):
+    """Labels as int64 (0 where invalid) and the validity mask, in as few passes as possible."""
     valid = None
     labels = None
     if raw_labels is not None:
-        lab = _as_tensor(raw_labels, device).reshape(-1).to(torch.int64)
-        valid = lab != options.ignore_index
-        out_of_range = valid & ((lab < 0) | (lab >= num_classes))
-        if bool(out_of_range.any()):
-            bad = lab[out_of_range]
+        lab = _as_tensor(raw_labels, device).reshape(-1)  # stored dtype: compare before widening
+        info = torch.iinfo(lab.dtype) if lab.dtype != torch.bool else None
+        ignore = options.ignore_index
+        if info is not None and info.min <= ignore <= info.max:
+            valid = lab != ignore
+            lab = lab.masked_fill(~valid, 0)
+        low, high = (int(v) for v in torch.aminmax(lab))
+        if low < 0 or high >= num_classes:
+            bad = lab[(lab < 0) | (lab >= num_classes)]
             raise InputError(
-                f"{int(out_of_range.sum())} labels outside [0, {num_classes}) that are not the ignore index "
-                f"{options.ignore_index} (e.g. {int(bad[0])}); set --ignore-index if that value marks ignored voxels",
+                f"{bad.numel()} labels outside [0, {num_classes}) that are not the ignore index "
+                f"{ignore} (e.g. {int(bad[0])}); set --ignore-index if that value marks ignored voxels",
                 source=case.source, case=case.id)
-        labels = torch.where(valid, lab, torch.zeros_like(lab))
+        labels = lab.to(torch.int64)
     if raw_mask is not None:
         in_mask = _as_tensor(raw_mask, device).reshape(-1) != 0
         valid = in_mask if valid is None else valid & in_mask
@@ -203,7 +208,7 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
     transform = _pin if device.type == "cuda" else None
     reader = _Prefetcher(source, prefetch, transform) if prefetch > 0 else None
     units = iter(reader) if reader is not None else (transform(r) if transform else r for r in source)
-    valid_in_case = 0
+    case_has_valid = False
     try:
         for raw in units:
             case = dataset.cases[raw.case_index]
@@ -214,14 +219,14 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
                 n = logits.shape[1]
                 labels, valid = _labels_and_valid(labels_np, mask_np, n, case, options, device,
                                                   dataset.num_classes)
-                if dataset.require_labels and with_labels:
-                    valid_in_case += int(valid.sum())
+                if not case_has_valid and dataset.require_labels and with_labels:
+                    case_has_valid = bool(valid.any())
                 yield Block(logits, labels, valid, raw.case_index, case.id, region, region_shape(region))
             if raw.last_of_case:
-                if dataset.require_labels and with_labels and valid_in_case == 0:
+                if dataset.require_labels and with_labels and not case_has_valid:
                     raise InputError("every voxel is ignored or masked: nothing to use in this case",
                                      source=case.source, case=case.id)
-                valid_in_case = 0
+                case_has_valid = False
     finally:
         if reader is not None:
             reader.close()

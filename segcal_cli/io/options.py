@@ -9,10 +9,9 @@ from segcal_cli.errors import InputError
 
 INPUT_KINDS = ("logits", "logprobs", "probs")
 
-# A block of this many voxels keeps the float32 working set of a 19-class block around 150 MB, well
-# inside any laptop, and is large enough that per-op overhead is negligible (engineering.md: 64K-256K
-# voxel ops are fastest; the engine splits blocks into such sub-blocks where it helps).
-DEFAULT_CHUNK_VOXELS = 1 << 21
+# 2^18 voxels: a 19-class float32 block is 20 MB, so a stream with its read-ahead and a consumer's
+# intermediates stays well under 1 GB; and 64K-256K-voxel ops are the fastest on CPU (engineering.md).
+DEFAULT_CHUNK_VOXELS = 1 << 18
 
 
 @dataclass(frozen=True)
