@@ -1,0 +1,196 @@
+"""Evaluation: per-case and pooled metric states over a stream of blocks, before and after a calibrator.
+
+Blocks of one case may arrive in any order and interleaved with other cases; a case is finished (its
+metrics computed, its state merged into the pooled one and dropped) once all its voxels were seen, so memory
+stays bounded by the cases in flight. The calibrated metrics come from the same blocks as the uncalibrated
+ones: one read of the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from segcal_cli.metrics.preservation import PreservationState
+from segcal_cli.metrics.state import MetricState
+from segcal_cli.metrics.voxels import sub_blocks, voxel_stats
+
+Calibrate = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _CaseStates:
+    uncalibrated: MetricState
+    calibrated: Optional[MetricState]
+    preservation: Optional[PreservationState]
+    seen: int = 0
+
+
+@dataclass
+class EvaluationResult:
+    bins: int
+    bin_rule: str
+    boundary: bool
+    cases: int
+    voxels: int  # valid voxels scored
+    voxels_read: int
+    uncalibrated: dict  # {"pooled": METRICS, "per_case_mean": METRICS}
+    calibrated: Optional[dict]
+    preservation: Optional[dict]
+    reliability: dict  # {"uncalibrated": [...], "calibrated": [...]}
+    per_case: list = field(default_factory=list)  # [{"id", "voxels", METRICS, ("uncalibrated", preservation)}]
+
+
+class Evaluation:
+    def __init__(self, num_classes: int, case_ids: Sequence[str], case_voxels: Sequence[int], *, bins: int = 15,
+                 bin_rule: str = "right", boundary: bool = False, calibrate: Optional[Calibrate] = None,
+                 device="cpu", sub_block_voxels: Optional[int] = None):
+        self.num_classes = num_classes
+        self.case_ids = list(case_ids)
+        self.case_voxels = list(case_voxels)
+        self.bins = bins
+        self.bin_rule = bin_rule
+        self.boundary = boundary
+        self.calibrate = calibrate
+        self.device = device
+        self.sub_block_voxels = sub_block_voxels
+        self._open: dict[int, _CaseStates] = {}
+        self._case_rows: dict[int, dict] = {}
+        self.pooled_uncalibrated = self._state()
+        self.pooled_calibrated = self._state() if calibrate else None
+        self.pooled_preservation = PreservationState(device) if calibrate else None
+        self.voxels_read = 0
+
+    def _state(self) -> MetricState:
+        return MetricState(self.num_classes, self.bins, self.bin_rule, boundary=self.boundary, device=self.device)
+
+    def _case(self, case_index: int) -> _CaseStates:
+        states = self._open.get(case_index)
+        if states is None:
+            if case_index in self._case_rows:
+                raise ValueError(f"case {self.case_ids[case_index]} was already finished")
+            states = _CaseStates(self._state(), self._state() if self.calibrate else None,
+                                 PreservationState(self.device) if self.calibrate else None)
+            self._open[case_index] = states
+        return states
+
+    def add_block(self, case_index: int, logits: torch.Tensor, labels: torch.Tensor,
+                  valid: Optional[torch.Tensor] = None, distances: Optional[torch.Tensor] = None) -> None:
+        """One block of a case: logits (C, n), labels (n,) int64, valid (n,) bool, distances (n,)."""
+        states = self._case(case_index)
+        n = labels.shape[0]
+        self.voxels_read += n
+        if valid is not None and not bool(valid.all()):
+            keep = valid.nonzero().squeeze(1)
+            logits = logits.index_select(1, keep)
+            labels = labels.index_select(0, keep)
+            distances = None if distances is None else distances.index_select(0, keep)
+        size = self.sub_block_voxels
+        for part in (sub_blocks(labels.shape[0], size) if size else sub_blocks(labels.shape[0])):
+            z = logits[:, part]
+            y = labels[part]
+            d = None if distances is None else distances[part]
+            before = voxel_stats(z, y)
+            states.uncalibrated.add(before, y, d)
+            if self.calibrate is not None:
+                g = self.calibrate(z.contiguous())
+                after = voxel_stats(g, y)
+                states.calibrated.add(after, y, d)
+                states.preservation.add(z, g, before.pred, after.pred, y)
+        states.seen += n
+        if states.seen >= self.case_voxels[case_index]:
+            self._finish_case(case_index)
+
+    def _finish_case(self, case_index: int) -> None:
+        states = self._open.pop(case_index)
+        row: dict = {"id": self.case_ids[case_index], "voxels": int(states.uncalibrated.voxels.item())}
+        before = states.uncalibrated.compute()
+        if self.calibrate is not None:
+            after = states.calibrated.compute()
+            row.update(after)
+            row["uncalibrated"] = before
+            row["preservation"] = states.preservation.compute(before["dice"], after["dice"], before["dice_mean"],
+                                                              after["dice_mean"])
+            self.pooled_calibrated.merge(states.calibrated)
+            self.pooled_preservation.merge(states.preservation)
+        else:
+            row.update(before)
+        self._case_rows[case_index] = row
+        self.pooled_uncalibrated.merge(states.uncalibrated)
+
+    def finish(self) -> EvaluationResult:
+        """Finish any case still open (fewer voxels delivered than announced) and compute the results."""
+        for case_index in sorted(self._open):
+            self._finish_case(case_index)
+        rows = [self._case_rows[i] for i in sorted(self._case_rows)]
+        before = self.pooled_uncalibrated.compute()
+        uncal_rows = [r["uncalibrated"] for r in rows] if self.calibrate else rows
+        result = EvaluationResult(
+            bins=self.bins, bin_rule=self.bin_rule, boundary=self.boundary, cases=len(rows),
+            voxels=int(self.pooled_uncalibrated.voxels.item()), voxels_read=self.voxels_read,
+            uncalibrated={"pooled": before, "per_case_mean": per_case_mean(uncal_rows)},
+            calibrated=None, preservation=None,
+            reliability={"uncalibrated": self.pooled_uncalibrated.reliability()}, per_case=rows)
+        if self.calibrate is not None:
+            after = self.pooled_calibrated.compute()
+            result.calibrated = {"pooled": after, "per_case_mean": per_case_mean(rows)}
+            result.preservation = self.pooled_preservation.compute(before["dice"], after["dice"],
+                                                                   before["dice_mean"], after["dice_mean"])
+            result.reliability["calibrated"] = self.pooled_calibrated.reliability()
+        return result
+
+
+def per_case_mean(rows: list[dict]) -> dict:
+    """Mean over cases of every metric, skipping cases where it is undefined (NaN / None)."""
+    if not rows:
+        return {}
+    out: dict = {}
+    for name, value in rows[0].items():
+        if name in ("id", "voxels", "uncalibrated", "preservation"):
+            continue
+        if isinstance(value, list):
+            table = np.array([[np.nan if v is None else v for v in r[name]] for r in rows], dtype=np.float64)
+            with np.errstate(invalid="ignore"):
+                counts = np.isfinite(table).sum(0)
+                sums = np.where(np.isfinite(table), table, 0.0).sum(0)
+            out[name] = [float(s / c) if c else None for s, c in zip(sums, counts)]
+        else:
+            values = np.array([r[name] for r in rows], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            out[name] = float(finite.mean()) if finite.size else float("nan")
+    return out
+
+
+def _clean(value):
+    """NaN / inf -> None, recursively, so the JSON is strict."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def result_payload(result: EvaluationResult, *, version: str, per_case: bool) -> dict:
+    """The `--json` document (spec.md, "evaluate"); `checks` is added by the caller."""
+    payload: dict = {
+        "segcal_version": version,
+        "bins": result.bins,
+        "bin_rule": result.bin_rule,
+        "cases": result.cases,
+        "voxels": result.voxels,
+        "voxels_read": result.voxels_read,
+        "uncalibrated": result.uncalibrated,
+    }
+    if result.calibrated is not None:
+        payload["calibrated"] = result.calibrated
+        payload["preservation"] = result.preservation
+    payload["reliability"] = result.reliability
+    if per_case:
+        payload["per_case"] = result.per_case
+    payload["checks"] = []
+    return _clean(payload)

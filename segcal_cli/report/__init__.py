@@ -1,0 +1,1 @@
+"""Rich rendering of command results: tables, terminal charts, progress. No numerics here."""
