@@ -29,6 +29,14 @@ HDF5_CACHE_BYTES = 64 << 20
 HDF5_CACHE_SLOTS = 10007
 
 
+def _register_hdf5_filters() -> None:
+    """Make Blosc / Zstd / LZ4 / Bitshuffle-compressed HDF5 readable: importing hdf5plugin registers them."""
+    try:
+        import hdf5plugin  # noqa: F401
+    except ImportError:  # reading gzip / lzf / szip needs nothing more
+        pass
+
+
 def container_kind(path: Path) -> str | None:
     """'hdf5', 'zarr', 'zarr-zip' or None (unsupported), from the name and, for directories, the content."""
     name = path.name.lower()
@@ -120,6 +128,7 @@ class Container:
             if self.kind == "hdf5":
                 import h5py
 
+                _register_hdf5_filters()
                 self._handle = h5py.File(
                     self.path, "r", rdcc_nbytes=HDF5_CACHE_BYTES, rdcc_nslots=HDF5_CACHE_SLOTS
                 )
