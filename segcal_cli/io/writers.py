@@ -509,9 +509,11 @@ def plan_outputs(cases, kind: str) -> tuple[list[OutputArray], dict[int, str]]:
 
 
 # --------------------------------------------------------------------------------------------- compute
-# Voxels per compute piece: a (C, 128K) float32 temporary stays in cache-sized memory; whole 2M-voxel
-# blocks made every elementwise op stream ~150 MB through RAM (1.5-2x slower, measured on 19 classes).
-COMPUTE_VOXELS = 1 << 17
+# Voxels per compute piece: the (C, 16K) float32 temporaries of a 19-class piece (1.2 MB) stay in L2, so
+# the forward + softmax + cast passes run from cache. Measured (19 classes, f16 -> ts -> softmax -> f16):
+# 16K pieces ~250-310 M values/s, 64K-128K ~115-270, 512K ~45-80 (1-2 threads); torch.compile of the same
+# map reached only ~110 M/s after a 33 s compile.
+COMPUTE_VOXELS = 1 << 14
 
 
 def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
