@@ -1,0 +1,269 @@
+"""Fitting: recovery of known calibrators, optimality, translation invariance of fitted TI families,
+agreement with fiducio, exact streaming, reproducible sampling, and the `segcal fit` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segcal_cli.calibrators import METHODS, get_method, load_artifact
+from segcal_cli.errors import InputError
+from segcal_cli.fitting import FitOptions, fit_dataset, fit_tensors
+from segcal_cli.io import DataOptions, open_dataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: torch's worker threads cost more than the work (and CI boxes are busy)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _nll(cal, z, y):
+    g = cal.forward(z.double())
+    return float((torch.logsumexp(g, 0) - g.gather(0, y[None])[0]).mean())
+
+
+def _draw(true_cal, C, n, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    z = scale * torch.randn(C, n, generator=g, dtype=torch.float64)
+    p = true_cal.probabilities(z)
+    y = torch.multinomial(p.T, 1, generator=g).squeeze(1)
+    return z, y
+
+
+def _gauge_fixed(name, params):
+    """Remove the softmax gauge (b + c1, W + 1v^T) so parameters can be compared."""
+    out = {k: v.clone() for k, v in params.items()}
+    if "bias" in out and name in ("vs", "vs-ti", "ms", "dc"):
+        out["bias"] = out["bias"] - out["bias"].mean()
+    if name in ("ms", "dc"):
+        out["weight"] = out["weight"] - out["weight"].mean(0, keepdim=True)
+    return out
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+@pytest.mark.parametrize(
+    "name, true_params, tol",
+    [
+        ("ts", {"temperature": 2.5}, 0.03),
+        ("vs", {"weight": [0.6, 1.3, 0.9], "bias": [0.4, -0.3, 0.1]}, 0.08),
+        ("dc", {"weight": [[0.8, 0.2, 0.0], [0.1, 1.2, -0.2], [0.0, 0.3, 0.7]], "bias": [0.3, -0.2, 0.0]}, 0.12),
+        ("cms-ap", {"weight": [[[0.6, 0.1], [0.0, 1.4]], [[1.2, 0.0], [0.2, 0.5]], [[0.8, 0.0], [0.0, 0.8]]],
+                    "bias": [[0.3, 0.0], [0.1, 0.5], [0.2, 0.2]]}, 0.15),
+    ],
+)
+def test_fit_recovers_known_calibrator(name, true_params, tol):
+    C = 3
+    true = get_method(name).from_parameters(C, true_params)
+    z, y = _draw(true, C, 60_000, seed=1)
+    result = fit_tensors(name, z.float(), y, lambda_reg=0.0, mu_reg=0.0)
+    fitted = _gauge_fixed(name, result.calibrator.parameters())
+    want = _gauge_fixed(name, true.parameters())
+    for key in want:
+        err = float((fitted[key] - want[key]).abs().max())
+        assert err < tol * max(1.0, float(want[key].abs().max())), (key, err)
+    # the fit is the optimum on these voxels: no worse than the true parameters
+    assert _nll(result.calibrator, z.float(), y) <= _nll(true, z.float(), y) + 1e-6
+    assert result.report["converged"] and result.report["gradient_norm"] < 1e-4
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in ("ts",)])
+def test_every_family_fits_converges_and_beats_identity(name):
+    C = 3
+    true = get_method(name).random(C, torch.Generator().manual_seed(4))
+    z, y = _draw(true, C, 4000, seed=5)
+    result = fit_tensors(name, z.float(), y)
+    rep = result.report
+    assert rep["nll_after"] < rep["nll_before"]
+    assert rep["converged"], rep["message"]
+    # the artifact validation accepts what the fit produced (constraints hold)
+    get_method(name).from_parameters(C, result.calibrator.parameters())
+
+
+# --------------------------------------------------------------------------- translation invariance of fits
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_fitted_probabilities_ignore_per_voxel_offsets_for_ti_families(name):
+    C, n = 3, 3000
+    cls = get_method(name)
+    true = get_method("dc").random(C, torch.Generator().manual_seed(7))
+    z, y = _draw(true, C, n, seed=8)
+    offset = 10.0 * torch.randn(1, n, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    # default regularisation: strictly convex, so the optimum (not just its probabilities) is unique
+    fit_plain = fit_tensors(name, z, y, ftol=1e-13).calibrator
+    fit_shifted = fit_tensors(name, z + offset, y, ftol=1e-13).calibrator
+    p_plain = fit_plain.probabilities(z)
+    p_shifted = fit_shifted.probabilities(z + offset)
+    diff = float((p_plain - p_shifted).abs().max())
+    if cls.properties.translation_invariant:
+        # equal up to the solvers' stopping tolerance (the features agree to float64 rounding)
+        assert diff < 1e-5
+    else:
+        assert diff > 1e-2
+
+
+# --------------------------------------------------------------------------- fiducio on the same voxels
+
+
+def _fiducio_nll(cal, z, y):
+    p = cal.predict_proba(z.T.contiguous().double()).double()
+    return float(-p.gather(1, y[:, None]).clamp_min(1e-300).log().mean())
+
+
+def test_ts_temperature_agrees_with_fiducio():
+    from fiducio.calibrators import TemperatureScaling
+
+    true = get_method("ts").from_parameters(4, {"temperature": 1.7})
+    z, y = _draw(true, 4, 20_000, seed=11)
+    ours = fit_tensors("ts", z.float(), y).calibrator.temperature
+    theirs = TemperatureScaling(optimizer="lbfgs", device="cpu").fit(z.float().T.contiguous(), y).temperature
+    assert abs(ours - theirs) / theirs < 1e-3
+
+
+@pytest.mark.parametrize("name, fiducio_name", [("ms", "MS"), ("dc", "DC"), ("cdc", "CDC"), ("cms-ap", "CMSAP"),
+                                                ("cms-op", "CMSOP")])
+def test_nll_no_higher_than_fiducio_without_regularisation(name, fiducio_name):
+    import fiducio.calibrators as fc
+
+    C = 3
+    true = get_method(name).random(C, torch.Generator().manual_seed(12))
+    z, y = _draw(true, C, 4000, seed=13)
+    ours = fit_tensors(name, z.float(), y, lambda_reg=0.0, mu_reg=0.0).calibrator
+    theirs = getattr(fc, fiducio_name)(device="cpu", lambda_reg=0.0, mu_reg=0.0).fit(z.float().T.contiguous(), y)
+    assert _nll(ours, z.float(), y) <= _fiducio_nll(theirs, z.float(), y) + 1e-4
+
+
+# --------------------------------------------------------------------------- data files: streaming and sampling
+
+
+def _write_h5(path, z, y):
+    """z (N, C, H, W), y (N, H, W) uint8 with 255 = ignore."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("logits", data=z.numpy().astype(np.float32), chunks=(1, z.shape[1], 8, 8))
+        f.create_dataset("labels", data=y.numpy().astype(np.uint8), chunks=(1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory):
+    C, N, H, W = 3, 5, 24, 20
+    g = torch.Generator().manual_seed(21)
+    true = get_method("cms-ap").random(C, torch.Generator().manual_seed(22))
+    z = 3 * torch.randn(N, C, H, W, generator=g)
+    p = true.probabilities(z.permute(1, 0, 2, 3).reshape(C, -1).double())
+    y = torch.multinomial(p.T, 1, generator=g).reshape(N, H, W)
+    y[:, :2, :] = 255  # ignored rows
+    path = tmp_path_factory.mktemp("fitdata") / "val.h5"
+    _write_h5(path, z, y)
+    flat_z = z.permute(1, 0, 2, 3).reshape(C, -1)
+    flat_y = y.reshape(-1)
+    keep = flat_y != 255
+    return path, flat_z[:, keep], flat_y[keep]
+
+
+@pytest.mark.parametrize("name", ["ts", "dc", "cms-op"])
+def test_exact_streaming_equals_in_memory_fit(small_file, name):
+    path, z, y = small_file
+    with open_dataset([str(path)], DataOptions(device="cpu", chunk_voxels=300), require_labels=True) as ds:
+        streamed = fit_dataset(ds, FitOptions(name, max_voxels=0))
+    memory = fit_tensors(name, z, y, ftol=FitOptions(name).ftol)
+    assert streamed.report["voxels_used"] == y.numel() == streamed.report["valid_voxels"]
+    assert streamed.report["passes"] >= streamed.report["evaluations"]
+    for key, value in memory.calibrator.parameters().items():
+        torch.testing.assert_close(streamed.calibrator.parameters()[key], value, rtol=1e-6, atol=1e-6)
+    assert abs(streamed.report["nll_after"] - memory.report["nll_after"]) < 1e-9
+
+
+def test_sample_is_reproducible_and_independent_of_chunking(small_file):
+    path, z, y = small_file
+    results = []
+    for chunk, seed in ((200, 3), (1500, 3), (200, 4)):
+        with open_dataset([str(path)], DataOptions(device="cpu", chunk_voxels=chunk), require_labels=True) as ds:
+            results.append(fit_dataset(ds, FitOptions("ts", max_voxels=700, seed=seed)))
+    a, b, c = results
+    assert a.report["voxels_used"] == 700 and a.report["sampling"]["sampled"]
+    assert a.report["sampling"]["key_threshold"] == b.report["sampling"]["key_threshold"]
+    assert a.calibrator.temperature == b.calibrator.temperature  # bit-identical
+    assert a.calibrator.temperature != c.calibrator.temperature  # another seed, another sample
+    # a sample at least as large as the data is the data: same fit as the exact one
+    with open_dataset([str(path)], DataOptions(device="cpu"), require_labels=True) as ds:
+        full = fit_dataset(ds, FitOptions("ts", max_voxels=10**6))
+    assert full.report["voxels_used"] == y.numel() and not full.report["sampling"]["sampled"]
+
+
+def test_val_fraction_holds_out_whole_cases(small_file):
+    path, _, _ = small_file
+    with open_dataset([str(path)], DataOptions(device="cpu"), require_labels=True) as ds:
+        res = fit_dataset(ds, FitOptions("ts", val_fraction=0.4, seed=1))
+    rep = res.report
+    assert rep["fit_cases"] == 3 and len(rep["val_cases"]) == 2
+    assert rep["val_nll_after"] < rep["val_nll_before"]
+    assert rep["voxels_used"] == 3 * 22 * 20 and rep["val_voxels_used"] == 2 * 22 * 20
+
+
+def test_too_few_voxels_and_bad_options_are_input_errors(small_file):
+    path, z, y = small_file
+    with pytest.raises(InputError, match="too few valid voxels to fit cdc"):
+        fit_tensors("cdc", z[:, :20], y[:20])
+    with pytest.raises(InputError, match="--val-fraction"):
+        FitOptions("ts", val_fraction=1.0).resolved()
+    with pytest.raises(InputError, match="--max-voxels"):
+        FitOptions("ts", max_voxels=-1).resolved()
+    with pytest.raises(InputError, match="--lambda-reg"):
+        FitOptions("dc", lambda_reg=-1.0).resolved()
+    with pytest.raises(InputError, match="unknown method"):
+        FitOptions("isotonic").resolved()
+
+
+def test_fitted_cms_ap_keeps_every_argmax(small_file):
+    _, z, y = small_file
+    cal = fit_tensors("cms-ap", z, y).calibrator
+    assert torch.equal(cal.forward(z).max(0).indices, z.max(0).indices)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _segcal(*args):
+    return subprocess.run([sys.executable, "-m", "segcal_cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_fit_command_writes_artifact_and_report(small_file, tmp_path):
+    path, z, y = small_file
+    out = tmp_path / "cal.json"
+    run = _segcal("fit", path, "--method", "ms-ti", "-o", out, "--val-fraction", "0.4", "--json", "-",
+                  "--device", "cpu", "--quiet")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)  # stdout holds the JSON alone
+    for key in ("method", "cases", "voxels", "voxels_used", "nll_before", "nll_after", "val_nll_before",
+                "val_nll_after", "iterations", "gradient_norm", "converged", "passes", "time_s", "sampling"):
+        assert key in report
+    cal, info = load_artifact(out, expect_classes=3)
+    assert info["method"] == "ms-ti" and info["fit"]["seed"] == 0 and info["fit"]["lambda_reg"] == 1e-3
+    assert "NLL" in run.stderr  # the human summary went to stderr
+
+
+def test_fit_command_bad_input_exits_2_and_writes_nothing(small_file, tmp_path):
+    path, _, _ = small_file
+    out = tmp_path / "cal.json"
+    run = _segcal("fit", path, "--method", "platt", "-o", out)
+    assert run.returncode == 2 and "unknown method 'platt'" in run.stderr and "Traceback" not in run.stderr
+    sparse = tmp_path / "sparse.h5"
+    labels = torch.full((2, 8, 8), 255, dtype=torch.int64)
+    labels[:, 0, :5] = torch.tensor([0, 1, 2, 1, 0])
+    _write_h5(sparse, torch.randn(2, 3, 8, 8), labels)
+    run = _segcal("fit", sparse, "--method", "cdc", "-o", out, "--device", "cpu")
+    assert run.returncode == 2 and "too few valid voxels to fit cdc: 10" in run.stderr, run.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["sparse.h5"]
