@@ -6,8 +6,10 @@
     python benchmarks/bench_evaluate.py --cases 2 --peer-cases 2 --json out.json    # small and quick
 
 The work: pooled 15-bin top-label ECE + NLL + Brier + per-class Dice, uncalibrated, ignore label 255.
-* segcal: the `evaluate` pipeline (open_dataset -> stream -> Evaluation), reading the file (it also computes
-  MCE, ACE, adaptive and classwise ECE, IoU, per-case values: more work than the peers do).
+* segcal: the `evaluate` pipeline (open_dataset -> stream -> Evaluation), reading the file, with
+  `--metrics ece,nll,brier,dice` (it still keeps the reliability bins, the confusion matrix and per-case
+  values). `--compile` / `--no-compile` as in the CLI (default here: eager). Threads: torch's default, or
+  OMP_NUM_THREADS.
 * plain read: h5py chunk by chunk (read_direct into one buffer, a chunk cache sized for a chunk), logits and
   labels; the floor for any streaming tool.
 * torchmetrics: from an in-memory float32 copy (not timed: loading is given to the peers for free), per image:
@@ -16,7 +18,10 @@ The work: pooled 15-bin top-label ECE + NLL + Brier + per-class Dice, uncalibrat
 * fiducio: from the same in-memory copy, pooled over all peer images at once (its API takes the whole batch):
   softmax, expected_calibration_error, negative_log_likelihood, brier_score; Dice from a torch confusion
   matrix (fiducio has no Dice).
-Peak RSS of segcal is measured in a fresh child process (`--child`), with an idle child as the baseline.
+Peak RSS of segcal is measured in a fresh child process (`--child`, started with fork + exec, so its VmHWM
+is its own, not the parent's), with an idle child as the baseline.
+Ratios to the peers are per voxel on the same `--peer-cases` images (segcal reading them from the file, the
+peers working from memory).
 """
 
 from __future__ import annotations
@@ -35,7 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def segcal_evaluate(path: Path, cases: int, chunk_voxels: int | None) -> tuple[float, dict]:
+METRICS = ("ece", "nll", "brier", "dice")  # the work the peers do (--metrics of segcal evaluate)
+
+
+def segcal_evaluate(path: Path, cases: int, chunk_voxels: int | None, metrics=METRICS,
+                    compile_stats: bool | None = False) -> tuple[float, dict]:
+    """The `segcal evaluate` pipeline without the CLI around it; the time includes any compiling."""
     import torch
 
     from segcal_cli.io import DataOptions, open_dataset
@@ -44,7 +54,8 @@ def segcal_evaluate(path: Path, cases: int, chunk_voxels: int | None) -> tuple[f
     start = time.perf_counter()
     with open_dataset([str(path)], DataOptions(device="cpu", chunk_voxels=chunk_voxels), require_labels=True) as ds:
         chosen = list(range(min(cases, len(ds.cases))))
-        ev = Evaluation(ds.num_classes, [c.id for c in ds.cases], [c.num_voxels for c in ds.cases])
+        ev = Evaluation(ds.num_classes, [c.id for c in ds.cases], [c.num_voxels for c in ds.cases],
+                        metrics=metrics, compile=compile_stats)
         with torch.inference_mode():
             for block in ds.stream(chosen):
                 ev.add_block(block.case_index, block.logits, block.labels, block.valid)
@@ -132,7 +143,7 @@ def fiducio_work(logits16, labels) -> tuple[float, dict]:
 
 def child(args) -> None:
     if args.child == "segcal":
-        segcal_evaluate(args.data, args.cases, args.chunk_voxels)
+        segcal_evaluate(args.data, args.cases, args.chunk_voxels, compile_stats=args.compile)
     elif args.child == "idle":
         import torch  # noqa: F401
 
@@ -150,6 +161,8 @@ def child_rss(args, which: str) -> float:
     cmd = [sys.executable, __file__, "--data", str(args.data), "--cases", str(args.cases), "--child", which]
     if args.chunk_voxels:
         cmd += ["--chunk-voxels", str(args.chunk_voxels)]
+    if args.compile:
+        cmd += ["--compile"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
 
@@ -162,6 +175,8 @@ def main() -> None:
                         "(their in-memory copies: ~0.6 GB per 4 images for fiducio)")
     parser.add_argument("--chunk-voxels", type=int, default=None)
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="compile segcal's per-voxel statistics (time includes compiling)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", choices=("segcal", "idle"), default=None)
     args = parser.parse_args()
@@ -170,16 +185,34 @@ def main() -> None:
     if not args.data.exists():
         sys.exit(f"{args.data} missing: run benchmarks/make_bench_data.py first")
 
-    report: dict = {"data": str(args.data)}
+    import torch
+
+    report: dict = {"data": str(args.data), "threads": torch.get_num_threads(), "compile": args.compile,
+                    "metrics": list(METRICS)}
+    idle = child_rss(args, "idle")  # children first: before this process holds any data
+    peak = child_rss(args, "segcal")
+    report.update({"segcal_peak_rss_mb": peak, "idle_rss_mb": idle})
+    print(f"segcal peak RSS {peak:.0f} MB (idle process {idle:.0f} MB)")
     plain_read(args.data, args.cases)  # warm the page cache
     report["plain_read_s"] = plain_read(args.data, args.cases)
-    report["segcal_s"], segcal_all = segcal_evaluate(args.data, args.cases, args.chunk_voxels)
+    report["segcal_s"], segcal_all = segcal_evaluate(args.data, args.cases, args.chunk_voxels,
+                                                     compile_stats=args.compile)
+    import h5py
+
+    with h5py.File(args.data, "r") as f:
+        shape = f["logits"].shape
+    cases_used = min(args.cases, shape[0])
+    voxels = cases_used * int(np.prod(shape[2:]))
+    report.update({"cases": cases_used, "classes": shape[1], "voxels": voxels,
+                   "segcal_mvox_s": voxels / report["segcal_s"] / 1e6,
+                   "segcal_m_voxel_classes_s": voxels * shape[1] / report["segcal_s"] / 1e6})
     report["segcal_vs_plain_read"] = report["segcal_s"] / report["plain_read_s"]
-    print(f"all cases: plain read {report['plain_read_s']:.2f} s, segcal evaluate {report['segcal_s']:.2f} s "
-          f"({report['segcal_vs_plain_read']:.2f}x the read)")
+    print(f"{cases_used} cases ({voxels / 1e6:.0f} M voxels x {shape[1]} classes): plain read "
+          f"{report['plain_read_s']:.2f} s, segcal evaluate {report['segcal_s']:.2f} s "
+          f"({report['segcal_mvox_s']:.1f} Mvox/s, {report['segcal_vs_plain_read']:.2f}x the read)")
     if not args.skip_peers:
         k = args.peer_cases
-        seg_s, seg = segcal_evaluate(args.data, k, args.chunk_voxels)
+        seg_s, seg = segcal_evaluate(args.data, k, args.chunk_voxels, compile_stats=args.compile)
         logits16, labels = load_memory(args.data, k)
         tm_s, tm = torchmetrics_work(logits16, labels)
         fi_s, fi = fiducio_work(logits16, labels)
@@ -195,10 +228,6 @@ def main() -> None:
               f"({tm_s / seg_s:.2f}x segcal), fiducio {fi_s:.2f} s ({fi_s / seg_s:.2f}x segcal), from memory")
         print(f"  ECE segcal {seg['ece']:.6f} torchmetrics {tm['ece']:.6f} fiducio {fi['ece']:.6f}; "
               f"NLL {seg['nll']:.6f} / {tm['nll']:.6f} / {fi['nll']:.6f}")
-    idle = child_rss(args, "idle")
-    peak = child_rss(args, "segcal")
-    report.update({"segcal_peak_rss_mb": peak, "idle_rss_mb": idle})
-    print(f"segcal peak RSS {peak:.0f} MB (idle process {idle:.0f} MB)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -200,33 +200,64 @@ def _slice_unit(raw: RawUnit, block_region: Region, case: CaseInfo):
     return logits, labels, mask
 
 
+@dataclass
+class _ConvertedUnit:
+    blocks: list[Block]
+    any_valid: bool
+    last_of_case: bool
+
+
+def _convert(raw: RawUnit, dataset: Dataset, device: torch.device, check_valid: bool) -> _ConvertedUnit:
+    """A stored read unit -> its validated float32 blocks on the device."""
+    case = dataset.cases[raw.case_index]
+    options = dataset.options
+    blocks = []
+    any_valid = False
+    for region in raw.unit.blocks:
+        logits_np, labels_np, mask_np = _slice_unit(raw, region, case)
+        logits = _to_logits(_as_tensor(logits_np, device), case, options.input_kind, dataset)
+        labels, valid = _labels_and_valid(labels_np, mask_np, logits.shape[1], case, options, device,
+                                          dataset.num_classes)
+        if check_valid and not any_valid:
+            any_valid = bool(valid.any())
+        blocks.append(Block(logits, labels, valid, raw.case_index, case.id, region, region_shape(region)))
+    return _ConvertedUnit(blocks, any_valid, raw.last_of_case)
+
+
 def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_labels: bool = True,
                   prefetch: int = 2, device=None) -> Iterator[Block]:
+    """Blocks of the chosen cases in a deterministic order.
+
+    With `prefetch > 0` this is a three-stage pipeline: a reader thread (storage -> numpy, pinned on CUDA),
+    a converter thread (-> validated float32 blocks on the device) and the consumer, each `prefetch` items
+    apart. h5py/numcodecs decoding and torch kernels release the GIL, so on two cores reading, converting
+    and the consumer's own work overlap. Errors in either thread surface here, in order.
+    """
     device = torch.device(device) if device is not None else dataset.device
-    options = dataset.options
+    check_valid = dataset.require_labels and with_labels
     source = dataset.iter_raw(cases, with_labels=with_labels)
-    transform = _pin if device.type == "cuda" else None
-    reader = _Prefetcher(source, prefetch, transform) if prefetch > 0 else None
-    units = iter(reader) if reader is not None else (transform(r) if transform else r for r in source)
+    pin = _pin if device.type == "cuda" else None
+    convert = lambda raw: _convert(raw, dataset, device, check_valid)  # noqa: E731
+    stages: list[_Prefetcher] = []
+    if prefetch > 0:
+        stages.append(_Prefetcher(source, prefetch, pin))
+        stages.append(_Prefetcher(iter(stages[0]), prefetch, convert))
+        units = iter(stages[1])
+    else:
+        units = (convert(pin(raw) if pin else raw) for raw in source)
     case_has_valid = False
     try:
-        for raw in units:
-            case = dataset.cases[raw.case_index]
-            for region in raw.unit.blocks:
-                logits_np, labels_np, mask_np = _slice_unit(raw, region, case)
-                stored = _as_tensor(logits_np, device)
-                logits = _to_logits(stored, case, options.input_kind, dataset)
-                n = logits.shape[1]
-                labels, valid = _labels_and_valid(labels_np, mask_np, n, case, options, device,
-                                                  dataset.num_classes)
-                if not case_has_valid and dataset.require_labels and with_labels:
-                    case_has_valid = bool(valid.any())
-                yield Block(logits, labels, valid, raw.case_index, case.id, region, region_shape(region))
-            if raw.last_of_case:
-                if dataset.require_labels and with_labels and not case_has_valid:
+        for unit in units:
+            case_has_valid = case_has_valid or unit.any_valid
+            yield from unit.blocks
+            if unit.last_of_case:
+                if check_valid and not case_has_valid:
+                    case = dataset.cases[unit.blocks[-1].case_index]
                     raise InputError("every voxel is ignored or masked: nothing to use in this case",
                                      source=case.source, case=case.id)
                 case_has_valid = False
     finally:
-        if reader is not None:
-            reader.close()
+        for stage in reversed(stages):
+            stage.close()
+        if not stages:
+            source.close()

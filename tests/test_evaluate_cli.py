@@ -69,13 +69,20 @@ def data(tmp_path_factory):
     return root
 
 
-def test_json_keys_and_stdout_holds_json_alone(data):
-    proc = run(data / "val.h5", "--calibrator", data / "ms.json", "--per-case", "--json", "-", "--quiet",
-               check_rc=0)
+def test_one_real_process_json_keys_checks_boundary_and_plot(data, tmp_path):
+    """The one real `python -m segcal_cli` run (the rest go through CliRunner): stdout holds the JSON alone,
+    every documented key is there, failed checks exit 1 after the JSON and the PNG are written."""
+    pytest.importorskip("scipy")
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "rel.png"
+    proc = run(data / "val.h5", "--calibrator", data / "ms.json", "--per-case", "--boundary", "--plot", png,
+               "--json", "-", "--quiet", "--fail-if", "flip_rate>0", "--fail-if", "calibrated.ece>1",
+               "--fail-if", "uncalibrated.pooled.nll>100", "--fail-if", "ba_ece>10", check_rc=1)
     payload = json.loads(proc.stdout)
-    assert {"segcal_version", "bins", "bin_rule", "cases", "voxels", "uncalibrated", "calibrated", "preservation",
-            "reliability", "per_case", "checks"} <= set(payload)
+    assert {"segcal_version", "bins", "bin_rule", "cases", "voxels", "metrics", "uncalibrated", "calibrated",
+            "preservation", "reliability", "per_case", "checks"} <= set(payload)
     assert payload["bins"] == 15 and payload["bin_rule"] == "right" and payload["cases"] == 2
+    assert set(payload["metrics"]) == METRICS | {"iou", "iou_mean"}
     for section in ("uncalibrated", "calibrated"):
         for scope in ("pooled", "per_case_mean"):
             assert METRICS <= set(payload[section][scope])
@@ -84,9 +91,15 @@ def test_json_keys_and_stdout_holds_json_alone(data):
     assert set(payload["reliability"]) == {"uncalibrated", "calibrated"}
     assert set(payload["reliability"]["uncalibrated"][0]) == {"lo", "hi", "count", "confidence", "accuracy"}
     assert [row["id"] for row in payload["per_case"]] == ["val/case_0", "val/case_1"]
-    assert METRICS <= set(payload["per_case"][0])
+    assert METRICS | {"ba_ece"} <= set(payload["per_case"][0])
     assert payload["preservation"]["flip_rate"] > 0  # a random matrix scaling flips decisions
-    assert "Metrics" in proc.stderr  # the human report went to stderr
+    assert 0 <= payload["calibrated"]["pooled"]["ba_ece"] <= 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "flip_rate>0" in proc.stderr and "1 check(s) failed" in proc.stderr  # human output on stderr
+    checks = {c["expr"]: c for c in payload["checks"]}
+    assert checks["flip_rate>0"]["failed"] and not checks["calibrated.ece>1"]["failed"]
+    assert not checks["ba_ece>10"]["failed"] and not checks["uncalibrated.pooled.nll>100"]["failed"]
+    assert checks["calibrated.ece>1"]["key"] == "calibrated.pooled.ece"
 
 
 def test_results_identical_for_any_chunk_voxels_and_a_preserving_calibrator_keeps_dice(data):
@@ -113,16 +126,47 @@ def test_results_identical_for_any_chunk_voxels_and_a_preserving_calibrator_keep
 
 def test_fail_if_exit_codes_and_listing(data, tmp_path):
     out = tmp_path / "r.json"
-    proc = run(data / "val.h5", "--calibrator", data / "ms.json", "--json", out, "--quiet",
-               "--fail-if", "flip_rate>0", "--fail-if", "calibrated.ece>1", "--fail-if", "uncalibrated.pooled.nll>100",
-               check_rc=1)
-    assert "flip_rate>0" in proc.stderr and "1 check(s) failed" in proc.stderr
-    payload = json.loads(out.read_text())  # written before the exit
-    checks = {c["expr"]: c for c in payload["checks"]}
-    assert checks["flip_rate>0"]["failed"] and not checks["calibrated.ece>1"]["failed"]
-    assert checks["calibrated.ece>1"]["key"] == "calibrated.pooled.ece"
-    run_in_process(data / "val.h5", "--quiet", "--fail-if", "ece>=0", "--fail-if", "dice.0<0", check_rc=1)
+    proc = run_in_process(data / "val.h5", "--quiet", "--json", out, "--fail-if", "ece>=0", "--fail-if", "dice.0<0",
+                          check_rc=1)
+    assert "ece>=0" in proc.stderr and "1 check(s) failed" in proc.stderr
+    checks = {c["expr"]: c for c in json.loads(out.read_text())["checks"]}  # written before the exit
+    assert checks["ece>=0"]["failed"] and not checks["dice.0<0"]["failed"]
     run_in_process(data / "val.h5", "--quiet", "--fail-if", "ece<0", "--fail-if", "dice.0<0", check_rc=0)
+
+
+def test_metrics_option_computes_only_the_metrics_named(data):
+    full = json.loads(run_in_process(data / "val.h5", "--json", "-", "--quiet", "--per-case", check_rc=0).stdout)
+    some = json.loads(run_in_process(data / "val.h5", "--json", "-", "--quiet", "--per-case", "--metrics",
+                                     " nll,ece,dice ", check_rc=0).stdout)
+    assert some["metrics"] == ["ece", "nll", "dice"]  # canonical order
+    for scope in ("pooled", "per_case_mean"):
+        assert set(some["uncalibrated"][scope]) == {"ece", "nll", "dice"}
+        for key, value in some["uncalibrated"][scope].items():
+            assert value == full["uncalibrated"][scope][key], key  # the same numbers as a full run
+    assert set(some["per_case"][0]) == {"id", "voxels", "ece", "nll", "dice"}
+    assert some["reliability"] == full["reliability"]  # always kept
+    adaptive = json.loads(run_in_process(data / "val.h5", "--json", "-", "--quiet", "--metrics", "adaptive_ece",
+                                         check_rc=0).stdout)
+    assert set(adaptive["uncalibrated"]["pooled"]) == {"adaptive_ece", "adaptive_ece_bound"}
+    # with a calibrator, decision preservation (and its Dice change) is reported whatever was selected
+    cal = json.loads(run_in_process(data / "val.h5", "--calibrator", data / "ms.json", "--json", "-", "--quiet",
+                                    "--metrics", "nll", check_rc=0).stdout)
+    assert set(cal["calibrated"]["pooled"]) == {"nll"} and cal["preservation"]["dice_mean_delta"] is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metrics", "ece,foo"], "unknown metric(s) 'foo'"),
+    (["--metrics", "ba_ece"], "use --boundary"),
+    (["--metrics", ","], "at least one metric"),
+    (["--metrics", "ece", "--fail-if", "nll>1"], "nll is not computed: add nll to --metrics"),
+    (["--metrics", "ece", "--fail-if", "uncalibrated.per_case_mean.dice.0<0.5"], "dice is not computed"),
+    (["--metrics", "ece", "--fail-if", "adaptive_ece_bound>0.1"], "add adaptive_ece to --metrics"),
+])
+def test_metrics_option_errors_exit_2_and_write_nothing(data, tmp_path, args, message):
+    out = tmp_path / "r.json"
+    proc = run_in_process(data / "val.h5", "--quiet", "--json", out, *args, check_rc=2)
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("expr, message", [
@@ -154,18 +198,6 @@ def test_fail_if_name_resolution():
     check = parse_check("ba_ece>=0.1", calibrated=False, boundary=True)
     assert check.evaluate({"uncalibrated": {"pooled": {"ba_ece": None}}})["failed"]  # undefined fails
     assert not check.evaluate({"uncalibrated": {"pooled": {"ba_ece": 0.05}}})["failed"]
-
-
-def test_boundary_and_plot(data, tmp_path):
-    pytest.importorskip("scipy")
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "rel.png"
-    proc = run(data / "val.h5", "--boundary", "--per-case", "--json", "-", "--quiet", "--plot", png,
-               "--fail-if", "ba_ece>10", check_rc=0)
-    payload = json.loads(proc.stdout)
-    assert 0 <= payload["uncalibrated"]["pooled"]["ba_ece"] <= 1
-    assert "ba_ece" in payload["per_case"][0]
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("args, message", [

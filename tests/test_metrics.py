@@ -371,7 +371,7 @@ def test_preservation_counts_on_hand_built_voxels():
     valid = np.array([True] * 5 + [False])
     table = {before[:, i].tobytes(): after[:, i] for i in range(6)}
 
-    def calibrate(z):  # a per-voxel lookup table (it sees only valid voxels)
+    def calibrate(z):  # a per-voxel lookup table (it sees every voxel; invalid ones do not count)
         return torch.from_numpy(np.stack([table[col.tobytes()] for col in z.numpy().T], axis=1))
 
     ev = Evaluation(3, ["c"], [6], calibrate=calibrate)
@@ -408,3 +408,70 @@ def test_float32_logits_agree_with_float64():
     for name in ("nll", "brier", "accuracy", "dice_mean"):
         assert a[name] == pytest.approx(b[name], rel=1e-5), name
     assert a["ece"] == pytest.approx(b["ece"], abs=1e-4)
+
+
+# -- speed paths: arithmetic binning, metric selection, the compiled kernel ----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_arithmetic_binning_equals_a_binary_search_on_every_edge_and_its_neighbours(dtype):
+    rng = np.random.default_rng(0)
+    for bins in list(range(1, 41)) + [100, 1000]:
+        edges = torch.linspace(0, 1, bins + 1, dtype=torch.float32).to(dtype)
+        up = torch.nextafter(edges, torch.tensor(2.0, dtype=dtype))
+        down = torch.nextafter(edges, torch.tensor(-1.0, dtype=dtype))
+        values = torch.cat([edges, up, down, torch.from_numpy(rng.random(500)).to(dtype)]).clamp(0, 1)
+        for rule in ("right", "left", "torchmetrics"):
+            expected = torch.from_numpy(_bin_index(values.double().numpy(), bins, rule))
+            assert torch.equal(Binner(bins, rule).index(values), expected), (bins, rule)
+
+
+def test_metric_selection_gives_exactly_the_metrics_asked_for_with_the_same_values():
+    z, y, valid, _ = _random_block(5)
+    full = _compute(z, y, valid, 15, "right").compute()
+    for names in (("ece",), ("nll", "brier"), ("classwise_ece", "dice"), ("adaptive_ece", "iou_mean")):
+        state = MetricState(z.shape[0], 15, "right", metrics=names)
+        state.update(torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(valid))
+        got = state.compute()
+        expected_keys = set(names) | ({"adaptive_ece_bound"} if "adaptive_ece" in names else set())
+        assert set(got) == expected_keys
+        for key in got:
+            assert got[key] == full[key], key
+        assert state.reliability() == _compute(z, y, valid, 15, "right").reliability()
+    with pytest.raises(ValueError):
+        MetricState(3, metrics=("ece", "nope"))
+
+
+def _have_cxx() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not _have_cxx(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_statistics_equal_the_eager_ones():
+    """Both padded (tail) and full sub-blocks, with invalid voxels, every optional statistic, each bin rule's
+    code path on edge-heavy data; compiling takes ~10 s once per process (3 classes keep it small)."""
+    from segcal_cli.metrics.voxels import SUB_BLOCK_VOXELS
+
+    rng = np.random.default_rng(3)
+    C, n = 3, SUB_BLOCK_VOXELS + 4321
+    z = (rng.normal(size=(C, n)) * 3).astype(np.float32)
+    z[:, :2000] *= 20  # confidences of exactly 1.0
+    y = rng.integers(0, C, n)
+    valid = rng.random(n) > 0.1
+    results = {}
+    for compiled in (False, True):
+        ev = Evaluation(C, ["c"], [n], compile=compiled, bin_rule="torchmetrics")
+        with torch.inference_mode():
+            ev.add_block(0, torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(valid))
+        assert ev.compiled == compiled, ev.compile_error
+        results[compiled] = ev.finish().uncalibrated["pooled"]
+    eager, fused = results[False], results[True]
+    assert set(eager) == set(fused)
+    for key, value in eager.items():
+        if isinstance(value, list):
+            assert fused[key] == value, key  # counts: identical
+        else:
+            assert fused[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert fused["accuracy"] == eager["accuracy"]

@@ -42,6 +42,14 @@ def evaluate_command(
     bin_rule: Annotated[str, typer.Option(
         "--bin-rule", help="Where a confidence exactly on an edge goes: right = (lo, hi] (fiducio, sklearn), "
         "left = [lo, hi), torchmetrics = [lo, hi) with 1.0 in an extra bin.")] = "right",
+    metrics: Annotated[Optional[str], typer.Option(
+        "--metrics", help="Comma-separated metrics to compute (default: all), e.g. 'ece,nll,brier,dice'; "
+        "skipping classwise_ece / adaptive_ece saves most of the time. Others are absent from the JSON. "
+        "Known: ece, mce, ace, adaptive_ece, classwise_ece, nll, brier, accuracy, dice_mean, iou_mean, dice, iou.")] = None,
+    compile_stats: Annotated[Optional[bool], typer.Option(
+        "--compile/--no-compile", help="Compile the per-voxel statistics with torch.compile (needs a C++ "
+        "compiler; falls back to eager on failure). Default: SEGCAL_COMPILE=0/1 if set, else only for "
+        "large data.")] = None,
     per_case: Annotated[bool, typer.Option("--per-case", help="Add the per-case table (and JSON 'per_case').")] = False,
     boundary: Annotated[bool, typer.Option(
         "--boundary", help="Boundary-aware calibration error (ba_ece): bands by distance to the label boundary; "
@@ -65,10 +73,11 @@ def evaluate_command(
     pooled and per case; with --calibrator also after calibration, and which decisions it changed."""
     from segcal_cli import __version__
     from segcal_cli.metrics.binning import check_bins
-    from segcal_cli.metrics.checks import parse_checks, validate_class_indices
+    from segcal_cli.metrics.checks import parse_checks, parse_metric_list, validate_class_indices
 
     check_bins(bins, bin_rule)
-    checks = parse_checks(fail_if, calibrated=calibrator is not None, boundary=boundary)
+    selected = parse_metric_list(metrics)
+    checks = parse_checks(fail_if, calibrated=calibrator is not None, boundary=boundary, metrics=selected)
     if plot is not None:
         _require_matplotlib()
     if boundary:
@@ -102,7 +111,7 @@ def evaluate_command(
             calibrate = cal.forward
         evaluation = Evaluation(ds.num_classes, [c.id for c in ds.cases], [c.num_voxels for c in ds.cases],
                                 bins=bins, bin_rule=bin_rule, boundary=boundary, calibrate=calibrate,
-                                device=ds.device)
+                                device=ds.device, metrics=selected, compile=compile_stats)
         distance_case, distance_map = None, None
         started = time.perf_counter()
         with torch.inference_mode(), progress(console, ds.total_voxels, quiet) as advance:
@@ -117,6 +126,8 @@ def evaluate_command(
                 advance(block.num_voxels)
         result = evaluation.finish()
         seconds = time.perf_counter() - started
+        if evaluation.compile_error is not None:
+            console.print(f"[dim]torch.compile failed, evaluated eagerly: {evaluation.compile_error}[/dim]")
 
     if result.voxels == 0:
         raise InputError("no valid voxels: every label is the ignore index or masked out", source=str(data[0]))

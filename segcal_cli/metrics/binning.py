@@ -46,33 +46,46 @@ def bin_bounds(bins: int, rule: str) -> list[tuple[float, float]]:
 
 
 class Binner:
-    """Bin index of confidences (any float dtype, any device) under one rule."""
+    """Bin index of confidences (any float dtype, any device) under one rule.
+
+    The index is arithmetic, `floor(v * B)`, then corrected by one comparison with each neighbouring edge
+    (gathered from a table of the float32 edges in the values' dtype): `v * B` rounds, and the float32 edges
+    are not always i/B, so the first guess can be one bin off near an edge, never more. The result equals
+    a binary search against the edges (tested on every edge and its neighbours), at about 2x its speed.
+    """
 
     def __init__(self, bins: int, rule: str):
         check_bins(bins, rule)
         self.bins = bins
         self.rule = rule
         self.num_bins = num_bins(bins, rule)
-        self._inner = bin_edges(bins)[1:-1].contiguous()
+        # e_0 .. e_B and a sentinel above 1, so that idx + 1 is always a valid index
+        self._table = torch.cat([bin_edges(bins), torch.tensor([2.0])])
         self._cache: dict = {}
 
-    def _edges(self, like: torch.Tensor) -> torch.Tensor:
+    def edge_table(self, like: torch.Tensor) -> torch.Tensor:
+        """The B + 2 edges e_0 .. e_B, 2 in `like`'s dtype and device (cached)."""
         key = (like.dtype, like.device)
-        edges = self._cache.get(key)
-        if edges is None:
-            edges = self._inner.to(device=like.device, dtype=like.dtype)
-            self._cache[key] = edges
-        return edges
+        table = self._cache.get(key)
+        if table is None:
+            table = self._table.to(device=like.device, dtype=like.dtype)
+            self._cache[key] = table
+        return table
 
     def index(self, values: torch.Tensor) -> torch.Tensor:
-        """int64 bin indices in [0, num_bins)."""
-        inner = self._edges(values)
-        if self.rule == "right":
-            # bucketize(right=False) counts inner edges strictly below v: (e_i, e_{i+1}], 0 -> 0, 1.0 -> B-1
-            return torch.bucketize(values, inner, right=False)
-        idx = torch.bucketize(values, inner, right=True)  # inner edges <= v: [e_i, e_{i+1})
+        """int64 bin indices in [0, num_bins) of values in [0, 1]."""
+        table = self.edge_table(values)
+        B = self.bins
+        guess = values.mul(B).long().clamp_(0, B - 1)  # v >= 0: truncation is floor
+        lower = table.take(guess)  # e_guess
+        upper = table.take(guess + 1)  # e_(guess+1)
+        if self.rule == "right":  # (e_i, e_(i+1)]; 0 stays in bin 0
+            idx = guess - ((values <= lower) & (guess > 0)).long() + (values > upper).long()
+        else:  # [e_i, e_(i+1)); 1.0 in the top bin
+            idx = guess - (values < lower).long() + ((values >= upper) & (guess < B - 1)).long()
+        idx.clamp_(0, B - 1)
         if self.rule == "torchmetrics":
-            idx = torch.where(values >= 1.0, self.bins, idx)
+            idx = torch.where(values >= 1.0, B, idx)
         return idx
 
     def first_edge_exceeded(self, values: torch.Tensor) -> torch.Tensor:
@@ -81,5 +94,5 @@ class Binner:
             if self.rule == "torchmetrics":
                 return values >= 1.0
             return torch.zeros_like(values, dtype=torch.bool)
-        first = self._edges(values)[0]
+        first = float(self.edge_table(values)[1])
         return values > first if self.rule == "right" else values >= first

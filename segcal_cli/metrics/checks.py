@@ -45,8 +45,20 @@ def _metric_ok(name: str, boundary: bool) -> bool:
     return name in METRIC_NAMES or name == "adaptive_ece_bound" or (boundary and name in BOUNDARY_METRICS)
 
 
-def parse_check(expr: str, *, calibrated: bool, boundary: bool) -> Check:
-    """Parse one `--fail-if` expression; InputError on bad syntax, operator or name."""
+def _require_computed(path: tuple[str, ...], expr: str, metrics) -> None:
+    """A check on a metric left out by --metrics can never be evaluated: say so before reading data."""
+    if metrics is None or path[0] not in _SECTIONS:
+        return
+    name = path[2]
+    base = "adaptive_ece" if name == "adaptive_ece_bound" else name
+    if base in METRIC_NAMES and base not in metrics:
+        raise InputError(f"--fail-if {expr!r}: {name} is not computed: add {base} to --metrics "
+                         f"(computed: {','.join(metrics)})")
+
+
+def parse_check(expr: str, *, calibrated: bool, boundary: bool, metrics=None) -> Check:
+    """Parse one `--fail-if` expression; InputError on bad syntax, operator or name, or (with `metrics`, the
+    names --metrics selected) on a metric that will not be computed."""
     match = _EXPR.match(expr)
     if not match:
         ops = re.search(r"[<>=!]=?|==", expr)
@@ -66,6 +78,7 @@ def parse_check(expr: str, *, calibrated: bool, boundary: bool) -> Check:
         raise InputError(f"--fail-if {expr!r}: the threshold must be a finite number")
     parts = tuple(name.split("."))
     path = _resolve_name(parts, expr, calibrated=calibrated, boundary=boundary)
+    _require_computed(path, expr, metrics)
     return Check(expr=expr.strip(), path=path, op=op, threshold=threshold)
 
 
@@ -130,8 +143,24 @@ def resolve(payload, path: tuple[str, ...]):
     return node
 
 
-def parse_checks(exprs: list[str] | None, *, calibrated: bool, boundary: bool) -> list[Check]:
-    return [parse_check(e, calibrated=calibrated, boundary=boundary) for e in (exprs or [])]
+def parse_checks(exprs: list[str] | None, *, calibrated: bool, boundary: bool, metrics=None) -> list[Check]:
+    return [parse_check(e, calibrated=calibrated, boundary=boundary, metrics=metrics) for e in (exprs or [])]
+
+
+def parse_metric_list(text: str | None) -> tuple[str, ...] | None:
+    """`--metrics ece,nll,...` -> the names in METRIC_NAMES order (None: all); InputError on unknown names."""
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise InputError(f"--metrics: name at least one metric, e.g. 'ece,nll,brier,dice'; known: "
+                         f"{', '.join(METRIC_NAMES)}")
+    unknown = [n for n in names if n not in METRIC_NAMES]
+    if unknown:
+        hint = " (use --boundary)" if any(n in BOUNDARY_METRICS for n in unknown) else ""
+        raise InputError(f"--metrics: unknown metric(s) {', '.join(map(repr, unknown))}{hint}; known: "
+                         f"{', '.join(METRIC_NAMES)}")
+    return tuple(n for n in METRIC_NAMES if n in names)
 
 
 def validate_class_indices(checks: list[Check], num_classes: int) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from segcal_cli.metrics.preservation import PreservationState
-from segcal_cli.metrics.state import MetricState
-from segcal_cli.metrics.voxels import sub_blocks, voxel_stats
+from segcal_cli.metrics.state import MetricState, select_metrics
+from segcal_cli.metrics.voxels import SUB_BLOCK_VOXELS, VoxelStats, sub_blocks, voxel_stats
 
 Calibrate = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,13 +42,18 @@ class EvaluationResult:
     preservation: Optional[dict]
     reliability: dict  # {"uncalibrated": [...], "calibrated": [...]}
     per_case: list = field(default_factory=list)  # [{"id", "voxels", METRICS, ("uncalibrated", preservation)}]
+    metrics: tuple = ()  # the metric names computed (--metrics)
 
 
 class Evaluation:
     def __init__(self, num_classes: int, case_ids: Sequence[str], case_voxels: Sequence[int], *, bins: int = 15,
                  bin_rule: str = "right", boundary: bool = False, calibrate: Optional[Calibrate] = None,
-                 device="cpu", sub_block_voxels: Optional[int] = None):
+                 device="cpu", sub_block_voxels: Optional[int] = None, metrics: Optional[Sequence[str]] = None,
+                 compile: Optional[bool] = False):
+        """`metrics`: the names to compute (None = all of state.METRIC_NAMES). `compile`: True / False, or
+        None to decide from SEGCAL_COMPILE and the amount of data (compiled.compile_wanted)."""
         self.num_classes = num_classes
+        self.metrics = select_metrics(metrics)
         self.case_ids = list(case_ids)
         self.case_voxels = list(case_voxels)
         self.bins = bins
@@ -63,9 +68,36 @@ class Evaluation:
         self.pooled_calibrated = self._state() if calibrate else None
         self.pooled_preservation = PreservationState(device) if calibrate else None
         self.voxels_read = 0
+        self._needs = self.pooled_uncalibrated.needs()
+        self._compiled = None
+        if sub_block_voxels is None:  # the compiled kernel has the standard sub-block shape
+            from segcal_cli.metrics.compiled import compile_wanted
+
+            if compile_wanted(compile, num_classes * sum(self.case_voxels)):
+                from segcal_cli.metrics.compiled import CompiledStats
+
+                state = self.pooled_uncalibrated
+                self._compiled = CompiledStats(state.binner, num_classes, fine=state.wants_adaptive, **self._needs)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled kernel is in use (asked for, and it has not failed)."""
+        return self._compiled is not None and self._compiled.failed is None
+
+    @property
+    def compile_error(self) -> Optional[str]:
+        return None if self._compiled is None else self._compiled.failed
 
     def _state(self) -> MetricState:
-        return MetricState(self.num_classes, self.bins, self.bin_rule, boundary=self.boundary, device=self.device)
+        return MetricState(self.num_classes, self.bins, self.bin_rule, boundary=self.boundary, device=self.device,
+                           metrics=self.metrics)
+
+    def _stats(self, z: torch.Tensor, y: torch.Tensor) -> VoxelStats:
+        if self._compiled is not None:
+            stats = self._compiled(z, y)
+            if stats is not None:
+                return stats
+        return voxel_stats(z, y, **self._needs)
 
     def _case(self, case_index: int) -> _CaseStates:
         states = self._open.get(case_index)
@@ -83,23 +115,21 @@ class Evaluation:
         states = self._case(case_index)
         n = labels.shape[0]
         self.voxels_read += n
-        if valid is not None and not bool(valid.all()):
-            keep = valid.nonzero().squeeze(1)
-            logits = logits.index_select(1, keep)
-            labels = labels.index_select(0, keep)
-            distances = None if distances is None else distances.index_select(0, keep)
-        size = self.sub_block_voxels
-        for part in (sub_blocks(labels.shape[0], size) if size else sub_blocks(labels.shape[0])):
+        all_valid = valid is None or bool(valid.all())
+        size = self.sub_block_voxels or SUB_BLOCK_VOXELS
+        for part in sub_blocks(n, size):
             z = logits[:, part]
             y = labels[part]
-            d = None if distances is None else distances[part]
-            before = voxel_stats(z, y)
-            states.uncalibrated.add(before, y, d)
+            keep = None if all_valid else valid[part].nonzero().squeeze(1)
+            y_kept = y if keep is None else y.index_select(0, keep)
+            d = None if distances is None else (distances[part] if keep is None else distances[part].index_select(0, keep))
+            before = self._stats(z, y)
+            states.uncalibrated.add(before.select(keep), y_kept, d)
             if self.calibrate is not None:
                 g = self.calibrate(z.contiguous())
-                after = voxel_stats(g, y)
-                states.calibrated.add(after, y, d)
-                states.preservation.add(z, g, before.pred, after.pred, y)
+                after = self._stats(g, y)
+                states.calibrated.add(after.select(keep), y_kept, d)
+                states.preservation.add(z, g, before.pred, after.pred, y, keep)
         states.seen += n
         if states.seen >= self.case_voxels[case_index]:
             self._finish_case(case_index)
@@ -112,8 +142,7 @@ class Evaluation:
             after = states.calibrated.compute()
             row.update(after)
             row["uncalibrated"] = before
-            row["preservation"] = states.preservation.compute(before["dice"], after["dice"], before["dice_mean"],
-                                                              after["dice_mean"])
+            row["preservation"] = _preservation(states.preservation, states.uncalibrated, states.calibrated)
             self.pooled_calibrated.merge(states.calibrated)
             self.pooled_preservation.merge(states.preservation)
         else:
@@ -133,14 +162,20 @@ class Evaluation:
             voxels=int(self.pooled_uncalibrated.voxels.item()), voxels_read=self.voxels_read,
             uncalibrated={"pooled": before, "per_case_mean": per_case_mean(uncal_rows)},
             calibrated=None, preservation=None,
-            reliability={"uncalibrated": self.pooled_uncalibrated.reliability()}, per_case=rows)
+            reliability={"uncalibrated": self.pooled_uncalibrated.reliability()}, per_case=rows,
+            metrics=self.metrics)
         if self.calibrate is not None:
             after = self.pooled_calibrated.compute()
             result.calibrated = {"pooled": after, "per_case_mean": per_case_mean(rows)}
-            result.preservation = self.pooled_preservation.compute(before["dice"], after["dice"],
-                                                                   before["dice_mean"], after["dice_mean"])
+            result.preservation = _preservation(self.pooled_preservation, self.pooled_uncalibrated,
+                                                self.pooled_calibrated)
             result.reliability["calibrated"] = self.pooled_calibrated.reliability()
         return result
+
+
+def _preservation(counts: PreservationState, before: MetricState, after: MetricState) -> dict:
+    (dice_before, mean_before), (dice_after, mean_after) = before.dice_summary(), after.dice_summary()
+    return counts.compute(dice_before, dice_after, mean_before, mean_after)
 
 
 def per_case_mean(rows: list[dict]) -> dict:
@@ -184,6 +219,7 @@ def result_payload(result: EvaluationResult, *, version: str, per_case: bool) ->
         "cases": result.cases,
         "voxels": result.voxels,
         "voxels_read": result.voxels_read,
+        "metrics": list(result.metrics),
         "uncalibrated": result.uncalibrated,
     }
     if result.calibrated is not None:

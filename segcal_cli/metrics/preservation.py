@@ -26,12 +26,16 @@ class PreservationState:
         self.counts = torch.zeros(5, dtype=torch.int64, device=device)
 
     def add(self, before_logits: torch.Tensor, after_logits: torch.Tensor, before_pred: torch.Tensor,
-            after_pred: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add s valid voxels: logits (C, s) before / after calibration, their argmax, labels."""
+            after_pred: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add s voxels: logits (C, s) before / after calibration, their argmax, labels; only the voxels
+        `valid` (int64 indices, None: all) count."""
+        order_changed = (ranking(before_logits) != ranking(after_logits)).any(0)
+        if valid is not None:
+            before_pred, after_pred, labels, order_changed = (
+                t.index_select(0, valid) for t in (before_pred, after_pred, labels, order_changed))
         flipped = before_pred != after_pred
         was_right = before_pred == labels
         now_right = after_pred == labels
-        order_changed = (ranking(before_logits) != ranking(after_logits)).any(0)
         self.counts += torch.stack([
             torch.tensor(labels.shape[0], device=labels.device),
             (flipped & was_right).sum(),

@@ -9,6 +9,12 @@ float64 throughout).
 Metric definitions (theory.md §6, docs/metrics.md): top-label reliability bins -> ece, mce, ace;
 classwise_ece; adaptive_ece (equal-mass bins); nll; brier; accuracy; confusion matrix -> dice, iou,
 dice_mean, iou_mean (a class absent from both prediction and label is left out); ba_ece with distances.
+
+A state can be made for a subset of METRIC_NAMES (`metrics=`): NLL, Brier, classwise and adaptive ECE each
+cost per-voxel work and are only accumulated when asked for; `compute` returns exactly the metrics asked
+for (plus `adaptive_ece_bound` with `adaptive_ece`, `ba_ece` with boundary). The reliability bins and the
+confusion matrix are always kept (the reliability diagram and decision preservation need them; both cost
+one histogram per sub-block).
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ METRIC_NAMES = ("ece", "mce", "ace", "adaptive_ece", "classwise_ece", "nll", "br
 BOUNDARY_METRICS = ("ba_ece",)
 
 
+def select_metrics(metrics) -> tuple[str, ...]:
+    """The metrics asked for, in METRIC_NAMES order (None = all); ValueError on an unknown name."""
+    if metrics is None:
+        return METRIC_NAMES
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown metric(s): {', '.join(unknown)}")
+    return tuple(m for m in METRIC_NAMES if m in set(metrics))
+
+
 def _bincount(index: torch.Tensor, size: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Counts (int64), or weighted sums taken in float64 (weights here are per voxel, not per class)."""
     if weights is None:
@@ -39,8 +55,13 @@ class MetricState:
     """Sums for one population of voxels (one case, or all cases pooled)."""
 
     def __init__(self, num_classes: int, bins: int = 15, bin_rule: str = "right", *, boundary: bool = False,
-                 device="cpu"):
+                 device="cpu", metrics=None):
         self.num_classes = num_classes
+        self.metrics = select_metrics(metrics)
+        self.wants_nll = "nll" in self.metrics
+        self.wants_brier = "brier" in self.metrics
+        self.wants_classwise = "classwise_ece" in self.metrics
+        self.wants_adaptive = "adaptive_ece" in self.metrics
         self.binner = Binner(bins, bin_rule)
         self.bins = bins
         self.bin_rule = bin_rule
@@ -77,21 +98,23 @@ class MetricState:
                "label_count", "confusion", "fine_count", "fine_conf")
     _BOUNDARY_SUMMED = ("band_count", "band_conf", "band_dist")
 
+    def needs(self) -> dict:
+        """Which optional per-voxel statistics `add` uses (keyword arguments of voxels.voxel_stats)."""
+        return {"nll": self.wants_nll, "brier": self.wants_brier, "probs": self.wants_classwise}
+
     def update(self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None,
                distances: torch.Tensor | None = None) -> None:
         """Add a block: `logits` (C, n) float, `labels` (n,) int64, `valid` (n,) bool or None (all valid),
         `distances` (n,) to the label boundary (needed when the state was made with boundary=True)."""
         if self.boundary and distances is None:
             raise ValueError("this state measures BA-ECE: pass distances")
-        if valid is not None and not bool(valid.all()):
-            keep = valid.nonzero().squeeze(1)
-            logits = logits.index_select(1, keep)
-            labels = labels.index_select(0, keep)
-            distances = None if distances is None else distances.index_select(0, keep)
+        all_valid = valid is None or bool(valid.all())
         for part in sub_blocks(labels.shape[0]):
-            z = logits[:, part]
-            y = labels[part]
-            self.add(voxel_stats(z, y), y, None if distances is None else distances[part])
+            keep = None if all_valid else valid[part].nonzero().squeeze(1)
+            stats = voxel_stats(logits[:, part], labels[part], **self.needs()).select(keep)
+            y = labels[part] if keep is None else labels[part].index_select(0, keep)
+            d = None if distances is None else (distances[part] if keep is None else distances[part].index_select(0, keep))
+            self.add(stats, y, d)
 
     def add(self, stats: VoxelStats, labels: torch.Tensor, distances: torch.Tensor | None = None) -> None:
         """Add statistics of s valid voxels (see voxels.voxel_stats)."""
@@ -101,26 +124,30 @@ class MetricState:
         if s == 0:
             return
         conf = stats.conf
+        conf64 = conf if conf.dtype == torch.float64 else conf.double()  # weights of the float64 sums
         correct = stats.correct.long()
         self.voxels += s
-        self.nll_sum += stats.nll.sum(dtype=torch.float64)
-        self.brier_sum += stats.brier.sum(dtype=torch.float64)
+        if self.wants_nll:
+            self.nll_sum += stats.nll.sum(dtype=torch.float64)
+        if self.wants_brier:
+            self.brier_sum += stats.brier.sum(dtype=torch.float64)
 
-        idx = self.binner.index(conf)
-        self.bin_count += _bincount(2 * idx + correct, 2 * nb)
-        self.bin_conf += _bincount(idx, nb, conf)
+        idx = stats.bin_index if stats.bin_index is not None else self.binner.index(conf)
+        self.bin_count += torch.bincount(idx * 2 + correct, minlength=2 * nb)
+        self.bin_conf += torch.bincount(idx, weights=conf64, minlength=nb)
+        self.confusion += torch.bincount(labels * C + stats.pred, minlength=C * C)
+        if self.wants_classwise:
+            label_count = torch.bincount(labels, minlength=C)
+            self.label_count += label_count
+            self._add_classwise(stats.probs, labels, label_count)
 
-        self._add_classwise(stats.probs, labels)
-        self.label_count += _bincount(labels, C)
-        self.confusion += _bincount(labels * C + stats.pred, C * C)
-
-        fine = adaptive.fine_bucket(conf)
-        F = adaptive.NUM_BUCKETS
-        self.fine_count += _bincount(2 * fine + correct, 2 * F)
-        self.fine_conf += _bincount(fine, F, conf)
-        conf64 = conf.double()
-        self.fine_min.scatter_reduce_(0, fine, conf64, reduce="amin")
-        self.fine_max.scatter_reduce_(0, fine, conf64, reduce="amax")
+        if self.wants_adaptive:
+            fine = stats.fine_bucket if stats.fine_bucket is not None else adaptive.fine_bucket(conf)
+            F = adaptive.NUM_BUCKETS
+            self.fine_count += torch.bincount(fine * 2 + correct, minlength=2 * F)
+            self.fine_conf += torch.bincount(fine, weights=conf64, minlength=F)
+            self.fine_min.scatter_reduce_(0, fine, conf64, reduce="amin")
+            self.fine_max.scatter_reduce_(0, fine, conf64, reduce="amax")
 
         if self.boundary:
             if distances is None:
@@ -135,7 +162,7 @@ class MetricState:
             self.band_conf += _bincount(band, NUM_BANDS, band_conf)
             self.band_dist += _bincount(band, NUM_BANDS, dist)
 
-    def _add_classwise(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+    def _add_classwise(self, probs: torch.Tensor, labels: torch.Tensor, label_count: torch.Tensor) -> None:
         """Bins of every p_k. Most p_k fall in bin 0, so only the entries above it are binned one by one;
         bin 0 is the per-class total minus the rest."""
         C = self.num_classes
@@ -156,17 +183,17 @@ class MetricState:
         totals_hits = torch.zeros_like(totals_count)
         totals_prob = torch.zeros(C * nb, dtype=torch.float64, device=labels.device)
         totals_count[first] = s
-        totals_hits[first] = _bincount(labels, C)
-        totals_prob[first] = probs.sum(1, dtype=torch.float64)
+        totals_hits[first] = label_count
+        totals_prob[first] = probs.double().sum(1)  # float64 per voxel: sums independent of the sub-blocks
         self.cw_count += count_above + totals_count - _sum_into_first(count_above, C, nb)
         self.cw_hits += hits_above + totals_hits - _sum_into_first(hits_above, C, nb)
         self.cw_prob += prob_above + totals_prob - _sum_into_first(prob_above, C, nb)
 
     def merge(self, other: "MetricState") -> "MetricState":
         """Add another state's sums into this one (same classes, bins, rule); returns self."""
-        if (other.num_classes, other.bins, other.bin_rule, other.boundary) != (
-                self.num_classes, self.bins, self.bin_rule, self.boundary):
-            raise ValueError("cannot merge metric states of different classes, bins, bin rule or boundary")
+        if (other.num_classes, other.bins, other.bin_rule, other.boundary, other.metrics) != (
+                self.num_classes, self.bins, self.bin_rule, self.boundary, self.metrics):
+            raise ValueError("cannot merge metric states of different classes, bins, bin rule, boundary or metrics")
         names = self._SUMMED + (self._BOUNDARY_SUMMED if self.boundary else ())
         for name in names:
             mine = getattr(self, name)
@@ -194,8 +221,20 @@ class MetricState:
         return rows
 
     def compute(self) -> dict:
-        """Every metric as a float (NaN when undefined), plus per-class `dice` / `iou` lists (None where
-        undefined) and `adaptive_ece_bound`."""
+        """The metrics asked for as floats (NaN when undefined), per-class `dice` / `iou` as lists (None where
+        undefined), `adaptive_ece_bound` with `adaptive_ece`, `ba_ece` with boundary."""
+        everything = self._compute_all()
+        keep = set(self.metrics) | ({"adaptive_ece_bound"} if self.wants_adaptive else set()) | (
+            set(BOUNDARY_METRICS) if self.boundary else set())
+        return {name: value for name, value in everything.items() if name in keep}
+
+    def dice_summary(self) -> tuple[list, float]:
+        """Per-class Dice (None where undefined) and its mean over defined classes, whatever was asked for
+        (decision preservation reports the Dice change)."""
+        dice, _ = dice_iou(self.confusion.cpu().view(self.num_classes, self.num_classes).numpy())
+        return _list(dice), _nanmean(dice)
+
+    def _compute_all(self) -> dict:
         C = self.num_classes
         nb = self.binner.num_bins
         n = int(self.voxels.item())
@@ -219,11 +258,12 @@ class MetricState:
         else:
             for name in ("ece", "mce", "ace", "classwise_ece", "nll", "brier", "accuracy"):
                 out[name] = float("nan")
-        fine = self.fine_count.cpu().view(-1, 2).numpy()
-        ad, bound = adaptive.adaptive_ece(fine.sum(1), fine[:, 1], self.fine_conf.cpu().numpy(),
-                                          self.fine_min.cpu().numpy(), self.fine_max.cpu().numpy(), self.bins)
-        out["adaptive_ece"] = ad
-        out["adaptive_ece_bound"] = bound
+        if self.wants_adaptive:
+            fine = self.fine_count.cpu().view(-1, 2).numpy()
+            ad, bound = adaptive.adaptive_ece(fine.sum(1), fine[:, 1], self.fine_conf.cpu().numpy(),
+                                              self.fine_min.cpu().numpy(), self.fine_max.cpu().numpy(), self.bins)
+            out["adaptive_ece"] = ad
+            out["adaptive_ece_bound"] = bound
         dice, iou = dice_iou(self.confusion.cpu().view(C, C).numpy())
         out["dice_mean"] = _nanmean(dice)
         out["iou_mean"] = _nanmean(iou)

@@ -1,12 +1,15 @@
-"""Per-voxel statistics of one block of logits, fused and computed in the logits' dtype.
+"""Per-voxel statistics of one block of logits, fused and computed in the logits' dtype (eager torch).
 
-Speed (engineering.md): `x.max(0)` with indices and `argmax` are slow on CPU, so the prediction comes from
-`amax` and an equality test; the softmax reuses one exp buffer; nothing here allocates per class twice.
+Speed (engineering.md, measured again here): `x.max(0)` with indices and `argmax` are slow on CPU, so the
+prediction comes from `amax` and an equality test; `exp` is the most expensive per-element step, so it runs
+once per element; the Brier score needs no probability tensor (Σ p_k² = Σ e_k² / S²), so probabilities are
+only formed when classwise ECE asks for them. A compiled version of the same statistics is in `compiled.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -17,14 +20,27 @@ SUB_BLOCK_VOXELS = 1 << 16
 
 @dataclass
 class VoxelStats:
-    """Statistics of s valid voxels; every tensor is on the logits' device."""
+    """Statistics of s valid voxels; every tensor is on the logits' device. Optional fields are None when
+    the metrics asked for do not need them (or, for the indices, when `MetricState.add` should compute them)."""
 
-    probs: torch.Tensor  # (C, s) softmax, compute dtype
-    conf: torch.Tensor  # (s,) top-label confidence max_k p_k
+    conf: torch.Tensor  # (s,) top-label confidence max_k p_k, compute dtype
     pred: torch.Tensor  # (s,) int64 argmax, ties -> lowest class index
     correct: torch.Tensor  # (s,) bool
-    nll: torch.Tensor  # (s,) -log p_y
-    brier: torch.Tensor  # (s,) sum_k (p_k - [y = k])^2
+    nll: Optional[torch.Tensor] = None  # (s,) -log p_y
+    brier: Optional[torch.Tensor] = None  # (s,) sum_k (p_k - [y = k])^2
+    probs: Optional[torch.Tensor] = None  # (C, s) softmax (classwise ECE only)
+    bin_index: Optional[torch.Tensor] = None  # (s,) int64 reliability bin of conf
+    fine_bucket: Optional[torch.Tensor] = None  # (s,) int64 adaptive-ECE bucket of conf
+
+    def select(self, keep: Optional[torch.Tensor]) -> "VoxelStats":
+        """The statistics of the voxels `keep` (int64 indices into s; None: all). Statistics are computed
+        on every voxel of a sub-block and cut to the valid ones afterwards: cutting (C, s) logits first
+        costs a gather of C values per voxel (index_select along dim 1 is slow on CPU), cutting these
+        costs one value per statistic."""
+        if keep is None:
+            return self
+        return VoxelStats(**{name: None if value is None else value.index_select(value.dim() - 1, keep)
+                             for name, value in self.__dict__.items()})
 
 
 def _reverse_index(num_classes: int, device) -> torch.Tensor:
@@ -60,20 +76,26 @@ def _sum_classes(x: torch.Tensor, squared: bool = False) -> torch.Tensor:
     return total
 
 
-def voxel_stats(logits: torch.Tensor, labels: torch.Tensor) -> VoxelStats:
-    """Fused statistics of `logits` (C, s) float and `labels` (s,) int64 (all voxels valid)."""
+def voxel_stats(logits: torch.Tensor, labels: torch.Tensor, *, nll: bool = True, brier: bool = True,
+                probs: bool = True) -> VoxelStats:
+    """Fused statistics of `logits` (C, s) float and `labels` (s,) int64 (all voxels valid); `nll`, `brier`,
+    `probs` say which optional statistics to form."""
     top = logits.amax(0)
     pred = predictions(logits, top)
-    probs = torch.sub(logits, top).exp_()  # exp(z - max): the top class gives exactly 1
-    total = _sum_classes(probs)  # >= 1
-    conf = total.reciprocal()  # max_k p_k = 1 / sum_k exp(z_k - max); exactly 1.0 when the rest underflow
+    e = torch.sub(logits, top).exp_()  # exp(z - max): the top class gives exactly 1
+    total = _sum_classes(e)  # S >= 1
+    conf = total.reciprocal()  # max_k p_k = 1 / S; exactly 1.0 when the other classes underflow
     label_row = labels.unsqueeze(0)
-    nll = total.log().add_(top).sub_(logits.gather(0, label_row).squeeze(0))  # logsumexp(z) - z_y
-    probs.mul_(conf)
-    p_label = probs.gather(0, label_row).squeeze(0)
-    brier = _sum_classes(probs, squared=True).sub_(p_label, alpha=2.0).add_(1.0)
-    correct = pred == labels
-    return VoxelStats(probs=probs, conf=conf, pred=pred, correct=correct, nll=nll, brier=brier)
+    stats = VoxelStats(conf=conf, pred=pred, correct=pred == labels)
+    if nll:
+        stats.nll = total.log().add_(top).sub_(logits.gather(0, label_row).squeeze(0))  # logsumexp(z) - z_y
+    if brier:
+        # sum_k p_k^2 - 2 p_y + 1 with p = e / S: (sum_k e_k^2 / S - 2 e_y) / S + 1
+        e_label = e.gather(0, label_row).squeeze(0)
+        stats.brier = _sum_classes(e, squared=True).mul_(conf).sub_(e_label, alpha=2.0).mul_(conf).add_(1.0)
+    if probs:
+        stats.probs = e.mul_(conf)
+    return stats
 
 
 def sub_blocks(num_voxels: int, size: int = SUB_BLOCK_VOXELS):
