@@ -123,7 +123,7 @@ class MatrixScalingTI(_Matrix):
     def _features(cls, z):
         # W (z - max z) differs from W z by (max z) * s * 1, a per-voxel constant: same probabilities,
         # and the shift cancels before the matmul instead of after it (exact TI in floating point).
-        return z - z.max(0, keepdim=True).values
+        return z - z.amax(0, keepdim=True)
 
     @classmethod
     def _random(cls, num_classes, generator):

@@ -54,7 +54,7 @@ def class_sum(x: torch.Tensor) -> torch.Tensor:
 
 def log_softmax_classes_first(z: torch.Tensor) -> torch.Tensor:
     """ell = z - logsumexp(z) over the class axis 0, without a transpose."""
-    top = z.max(0, keepdim=True).values
+    top = z.amax(0, keepdim=True)
     shifted = z - top
     return shifted - class_sum(shifted.exp()).log()
 
@@ -165,7 +165,7 @@ class Calibrator:
         Default: the centred logits (z - max z), float32. Families override it.
         """
         z = z.to(compute_dtype(z))
-        return (z - z.max(0, keepdim=True).values,), labels
+        return (z - z.amax(0, keepdim=True),), labels
 
     @classmethod
     def prepared_logits(cls, params: Params, features: Tuple[torch.Tensor, ...]) -> torch.Tensor:

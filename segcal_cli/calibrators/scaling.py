@@ -43,7 +43,7 @@ class TemperatureScaling(Calibrator):
     def _map(cls, params, z):
         # (z - max z) / T: the same probabilities as z / T, with the top class at exactly 0, so the
         # argmax survives float rounding and large offsets do not cost precision.
-        return (z - z.max(0, keepdim=True).values) / params["temperature"]
+        return (z - z.amax(0, keepdim=True)) / params["temperature"]
 
     @property
     def temperature(self) -> float:
@@ -84,7 +84,7 @@ class EnsembleTemperatureScaling(Calibrator):
 
     @classmethod
     def _map(cls, params, z):
-        return cls._mixture_log_probs(params["temperature"], params["weights"], z - z.max(0, keepdim=True).values)
+        return cls._mixture_log_probs(params["temperature"], params["weights"], z - z.amax(0, keepdim=True))
 
     @staticmethod
     def _mixture_log_probs(temperature, weights, shifted):
@@ -98,7 +98,7 @@ class EnsembleTemperatureScaling(Calibrator):
         scaled = log_softmax_classes_first(shifted / temperature) + log_w[0]
         plain = log_softmax_classes_first(shifted) + log_w[1]
         uniform = log_w[2] - math.log(num_classes)
-        top = torch.maximum(torch.maximum(scaled.max(0, keepdim=True).values, plain.max(0, keepdim=True).values), uniform)
+        top = torch.maximum(torch.maximum(scaled.amax(0, keepdim=True), plain.amax(0, keepdim=True)), uniform)
         total = (scaled - top).exp() + (plain - top).exp() + (uniform - top).exp()
         mixed = top + total.log()
         largest = torch.maximum(torch.maximum(scaled, plain), uniform)

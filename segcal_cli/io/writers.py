@@ -516,6 +516,17 @@ def plan_outputs(cases, kind: str) -> tuple[list[OutputArray], dict[int, str]]:
 COMPUTE_VOXELS = 1 << 14
 
 
+def _softmax_classes_first(z):
+    """softmax over dim 0 of a (C, n) piece. exp dominates; summing the classes with a (1, C) @ (C, n)
+    product instead of a strided reduction made the whole map ~1.5x faster than torch.softmax(z, 0)
+    (19 x 16K float32 pieces, one thread: 540 vs 360 M values/s)."""
+    import torch
+
+    e = torch.sub(z, z.amax(0, keepdim=True)).exp_()
+    ones = torch.ones((1, z.shape[0]), dtype=z.dtype, device=z.device)
+    return e.div_(ones @ e)
+
+
 def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
     """(C, n) logits -> the (C', n) result written for one block, in `dtype` (default float32).
 
@@ -533,7 +544,7 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
         piece = logits[:, start:start + COMPUTE_VOXELS]
         z = cal.forward(piece) if cal is not None else piece
         if kind == "probabilities":
-            p = torch.softmax(z, dim=0)
+            p = _softmax_classes_first(z)
             out[:, start:start + COMPUTE_VOXELS] = p[1:2] if binary else p
         else:
             out[:, start:start + COMPUTE_VOXELS] = z[1:2] - z[0:1] if binary else z
