@@ -7,7 +7,6 @@ traceback unless --debug). torch is never imported here, so `segcal --help` stay
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Optional
 
 import typer

@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
+
+from segcal_cli.report.progress import voxel_progress
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        if not speed:
-            return Text("-- Mvox/s", style="progress.data.speed")
-        return Text(f"{speed / 1e6:,.1f} Mvox/s", style="progress.data.speed")
-
-
-@contextlib.contextmanager
-def progress(console: Console, total_voxels: int, quiet: bool) -> Iterator:
+def progress(console: Console, total_voxels: int, quiet: bool):
     """Yields `advance(voxels)`; a transient bar with voxels/s unless quiet."""
-    if quiet:
-        yield lambda n: None
-        return
-    bar = Progress(TextColumn("applying"), BarColumn(), TaskProgressColumn(), _RateColumn(), TimeElapsedColumn(),
-                   console=console, transient=True)
-    with bar:
-        task = bar.add_task("apply", total=total_voxels)
-        yield lambda n: bar.advance(task, n)
+    return voxel_progress(console, total_voxels, quiet, "applying")
 
 
 def render_summary(console: Console, summary: dict) -> None:

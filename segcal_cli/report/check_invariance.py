@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
+
+from segcal_cli.report.progress import voxel_progress
 
 LABELS = {
     "translation_invariant": "translation invariance",
@@ -17,23 +16,9 @@ LABELS = {
 }
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed / 1e6:,.1f} Mvox/s" if speed else "-- Mvox/s", style="progress.data.speed")
-
-
-@contextlib.contextmanager
-def progress(console: Console, total_voxels: int, quiet: bool, label: str) -> Iterator:
+def progress(console: Console, total_voxels: int, quiet: bool, label: str):
     """Yields `advance(voxels)`; a transient bar with voxels/s unless quiet."""
-    if quiet:
-        yield lambda n: None
-        return
-    bar = Progress(TextColumn(label), BarColumn(), TaskProgressColumn(), _RateColumn(), TimeElapsedColumn(),
-                   console=console, transient=True)
-    with bar:
-        task = bar.add_task(label, total=total_voxels)
-        yield lambda n: bar.advance(task, n)
+    return voxel_progress(console, total_voxels, quiet, label)
 
 
 def _yes_no(value: Optional[bool]) -> str:

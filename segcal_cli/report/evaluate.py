@@ -3,15 +3,15 @@ per-case table, checks, and the progress bar (voxels/s). Renders the JSON payloa
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from segcal_cli.report.progress import voxel_progress
 from rich.text import Text
 
 _ROWS = (
@@ -22,25 +22,9 @@ _ROWS = (
 )
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        if not speed:
-            return Text("-- Mvox/s", style="progress.data.speed")
-        return Text(f"{speed / 1e6:,.1f} Mvox/s", style="progress.data.speed")
-
-
-@contextlib.contextmanager
-def progress(console: Console, total_voxels: int, quiet: bool) -> Iterator:
-    """Yields `advance(voxels)`; a bar with voxels/s unless quiet."""
-    if quiet:
-        yield lambda n: None
-        return
-    bar = Progress(TextColumn("evaluating"), BarColumn(), TaskProgressColumn(), _RateColumn(), TimeElapsedColumn(),
-                   console=console, transient=True)
-    with bar:
-        task = bar.add_task("evaluate", total=total_voxels)
-        yield lambda n: bar.advance(task, n)
+def progress(console: Console, total_voxels: int, quiet: bool):
+    """Yields `advance(voxels)`; a transient bar with voxels/s unless quiet."""
+    return voxel_progress(console, total_voxels, quiet, "evaluating")
 
 
 def _fmt(value) -> str:
@@ -76,7 +60,7 @@ def reliability_diagram(rows: list[dict], title: str, width: int = 40) -> Table:
     table.add_column("count", justify="right")
     table.add_column("conf", justify="right")
     table.add_column("acc", justify="right")
-    table.add_column(f"accuracy bar, | = confidence", no_wrap=True)
+    table.add_column("accuracy bar, | = confidence", no_wrap=True)
     for row in rows:
         if not row["count"]:
             continue
