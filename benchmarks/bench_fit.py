@@ -3,6 +3,7 @@
     python benchmarks/bench_fit.py                       # ts and cms-ap on ~2M synthetic street voxels
     python benchmarks/bench_fit.py --voxels 500000 --methods ts,cms-ap,dc --threads 2
     python benchmarks/bench_fit.py --rss big.h5 --make-big-gb 2     # peak RSS of `segcal fit --max-voxels 0`
+    python benchmarks/bench_fit.py --rss bench_data/bench.h5        # ... on an existing file (figures: docs/fitting.md)
 
 Both libraries see the same in-memory voxels (segcal classes-first (C, N), fiducio (N, C)); fiducio runs
 its defaults (Adam, 200 full-batch steps). Both final NLLs are computed by the same float64 evaluator

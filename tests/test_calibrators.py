@@ -177,7 +177,7 @@ def _strict_pairs(z):
 
 
 @pytest.mark.parametrize("name", [n for n, c in METHODS.items() if c.properties.order_preserving])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(block=_logit_blocks())
 def test_order_never_reversed(name, block):
     C, z, seed = block
@@ -194,7 +194,7 @@ def test_order_never_reversed(name, block):
 
 
 @pytest.mark.parametrize("name", ["cms-ap", "cms-op"])
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(block=_logit_blocks())
 def test_class_conditional_argmax_exactly_kept(name, block):
     C, z, seed = block

@@ -47,8 +47,8 @@ def fit_command(
     """Fit a calibrator on labelled validation logits and write it to OUTPUT (.json or .pt).
 
     The fit minimises the mean NLL over valid voxels plus an ODIR penalty, with solvers that reach the
-    optimum of these convex problems (Newton for ts, L-BFGS / bound-constrained L-BFGS-B otherwise) and
-    report a convergence certificate. Deterministic for a given --seed.
+    optimum of these convex problems (Newton for ts, per-expert projected Newton for cdc/cms-*, L-BFGS
+    otherwise) and report a convergence certificate. Deterministic for a given --seed.
     """
     from pathlib import Path
 

@@ -21,14 +21,14 @@ def methods_command(
 
     Class-conditional families (cdc, cms-ap, cms-op) have O(C^3) parameters: they suit small to moderate C.
     """
+    if classes < 2:  # before the imports below (torch): a bad option fails at once
+        raise InputError(f"--classes must be at least 2, got {classes}")
+
     from rich.console import Console
     from rich.table import Table
 
     from segcal_cli.calibrators import METHODS
     from segcal_cli.commands.common import write_json
-
-    if classes < 2:
-        raise InputError(f"--classes must be at least 2, got {classes}")
     rows = [
         {
             "name": name,

@@ -25,6 +25,7 @@ from segcal_cli.fitting.objective import (
     StreamSource,
     mean_nll,
 )
+from segcal_cli.fitting.newton import EXPERT_FAMILIES, solve_experts
 from segcal_cli.fitting.sampling import SCHEME, BottomKSampler, region_flat_index, voxel_keys
 from segcal_cli.fitting.solvers import FTOL, SolverResult, solve_lbfgs, solve_temperature
 
@@ -132,6 +133,15 @@ def _solve(family, num_classes: int, source, opts: FitOptions, device,
         res.evaluations = objective.evaluations + ts_res.evaluations
         return cal, res, {"solver": "TS Newton, then L-BFGS on (log T, softmax weights) from 3 starts",
                           "start_selection": "held-out NLL" if val_nll is not None else "fit objective"}
+    if name in EXPERT_FAMILIES:
+        # separable over experts: an exact (projected) Newton step per expert, all experts in shared passes
+        res = solve_experts(family, num_classes, source, opts.lambda_reg, opts.mu_reg, opts.max_iter, opts.ftol)
+        cal = family.from_parameters(num_classes, par.final_params(res.theta))
+        bounded = " with bounds B >= 0, mu >= %g" % MARGIN_FLOOR if name != "cdc" else ""
+        stride = res.extra["hessian_stride"]
+        hessian = "exact Hessian" if stride == 1 else f"Hessian on every {stride}th voxel"
+        info = {"solver": f"{'projected ' if bounded else ''}Newton per expert{bounded} (float64, {hessian})"}
+        return cal, res, info
     bounds = par.bounds()
     res = solve_lbfgs(objective, par.initial(), bounds, opts.max_iter, opts.ftol)
     cal = family.from_parameters(num_classes, par.final_params(res.theta))

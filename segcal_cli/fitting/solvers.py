@@ -3,11 +3,13 @@
 * `ts`: the NLL is convex in beta = 1/T. A safeguarded Newton iteration on beta (Newton steps inside a
   bracket [lo, hi] with f'(lo) < 0 < f'(hi), bisection when a step leaves it); each iteration is one pass
   computing f, f' and f'' together. Certificate: |df/dbeta|.
-* affine families (vs, vs-ti, ms, ms-ti, dc, cdc): convex multinomial logistic regressions; L-BFGS
+* affine families (vs, vs-ti, ms, ms-ti, dc): convex multinomial logistic regressions; L-BFGS
   (scipy's L-BFGS-B without bounds) in float64. Certificate: the gradient's infinity norm.
-* cms-ap / cms-op: convex under B >= 0, mu >= 0 (mu >= a tiny floor, see objective.MARGIN_FLOOR):
-  L-BFGS-B with those bounds reaches the constrained optimum. Certificate: the projected gradient's
-  infinity norm, || theta - clip(theta - grad, bounds) ||_inf, zero exactly at a KKT point.
+* class-conditional families (cdc, cms-ap, cms-op): separable over experts; a projected Newton method per
+  expert (fitting.newton). cms keeps B >= 0, mu >= a tiny floor (objective.MARGIN_FLOOR). Certificate:
+  the projected gradient's infinity norm, || theta - clip(theta - grad, bounds) ||_inf, zero exactly at a
+  KKT point. `solve_lbfgs` with `Parametrisation.bounds()` solves the same problems jointly (tests use it
+  as an independent cross-check).
 * ets: not convex (T and the simplex weights). T from the convex TS problem first, then L-BFGS on
   (log T, softmax logits of w) from a few deterministic starts; the best start wins (on the held-out cases
   when there are any). Certificate: the gradient norm (stationarity, not global optimality).
