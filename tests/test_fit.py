@@ -11,7 +11,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from segcal_cli.calibrators import METHODS, get_method, load_artifact
 from segcal_cli.errors import InputError

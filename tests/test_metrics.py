@@ -141,7 +141,6 @@ def test_adaptive_ece_exact_when_buckets_are_tied():
     # 4 distinct confidences, 100 voxels each; 4 equal-mass bins coincide with them: bound 0, exact value
     conf_values = np.array([0.55, 0.7, 0.8, 1.0])
     acc = np.array([0.2, 0.6, 0.7, 0.95])
-    C = 2
     zs, ys = [], []
     for c, a in zip(conf_values, acc):
         top = np.log(c) if c < 1 else 0.0

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 
-from segcal_cli.calibrators.base import Calibrator, Params, Properties, compute_dtype, log_softmax_classes_first
+from segcal_cli.calibrators.base import Calibrator, Params, Properties, log_softmax_classes_first
 from segcal_cli.errors import InputError
 
 

@@ -283,7 +283,6 @@ def fit_dataset(ds, options: FitOptions, on_voxels: Optional[Callable[[int], Non
         source = SampleSource(family, fit_z, fit_y)
         fit_raw = lambda: [(fit_z, fit_y)]  # noqa: E731
         val_raw = (lambda: [(val_z, val_y)]) if val_cases else None
-        val_used = int(val_y.numel())
     else:
         sampling.update({"scheme": "every valid voxel, exact passes over the stream", "sampled": False})
         fit_raw = lambda: _valid_blocks(ds, fit_cases, counter, on_voxels)  # noqa: E731
@@ -291,7 +290,6 @@ def fit_dataset(ds, options: FitOptions, on_voxels: Optional[Callable[[int], Non
         nll_identity, valid_fit = mean_nll(family.identity(num_classes), fit_raw())
         _check_enough(family, num_classes, valid_fit, f"valid voxels in {len(fit_cases)} fit case(s)")
         source = StreamSource(family, lambda: _valid_blocks(ds, fit_cases, counter), valid_fit)
-        val_used = None
 
     val_fn = (lambda cal: mean_nll(cal, val_raw())[0]) if val_raw is not None else None
     with _threads_for(source.num_voxels):

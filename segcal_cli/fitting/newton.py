@@ -33,7 +33,7 @@ stay exact, so the iteration still converges to the exact optimum, linearly inst
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch

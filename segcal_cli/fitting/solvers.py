@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import scipy.optimize
 
-from segcal_cli.fitting.objective import Objective, Parametrisation, ts_derivatives
+from segcal_cli.fitting.objective import Objective, ts_derivatives
 
 # Stopping tolerances: a gradient (or projected-gradient) infinity norm below GTOL, or a relative decrease
 # of the objective below FTOL in one L-BFGS iteration. FTOL = 1e-9 stops in the slow tail of ill-conditioned
