@@ -38,7 +38,8 @@ def _copy_child(data: str, out: str) -> None:
 
     from segcal_cli.io import DataOptions, open_dataset
     from segcal_cli.io.containers import Container
-    from segcal_cli.io.writers import AtomicOutput, _copy_units, _unit_chunks, create_array, output_format, \
+    from segcal_cli.applying import _copy_units, _unit_chunks
+    from segcal_cli.io.writers import AtomicOutput, create_array, output_format, \
         plan_outputs, storage_like
 
     with open_dataset([data], DataOptions()) as ds:

@@ -15,7 +15,7 @@ from test_apply_data import assert_matches, open_group, read, reference, write_h
 
 from segcal_cli.calibrators import METHODS, get_method  # noqa: E402
 from segcal_cli.io import DataOptions, open_dataset  # noqa: E402
-from segcal_cli.io.writers import apply_calibrator  # noqa: E402
+from segcal_cli.applying import apply_calibrator  # noqa: E402
 
 C = 4
 RNG = np.random.default_rng(7)

@@ -56,7 +56,7 @@ def test_apply_output_evaluates_like_evaluate_with_calibrator(tmp_path):
     out = tmp_path / "calibrated.zarr"
     from segcal_cli.calibrators import load_artifact
     from segcal_cli.io import DataOptions, open_dataset
-    from segcal_cli.io.writers import apply_calibrator
+    from segcal_cli.applying import apply_calibrator
 
     with open_dataset([str(src)], DataOptions(device="cpu")) as ds:  # in process: one subprocess fewer
         apply_calibrator(ds, load_artifact(cal)[0], out, calibrator_path=Path(cal))

@@ -74,7 +74,8 @@ def apply_command(
 
     from segcal_cli.calibrators import load_artifact
     from segcal_cli.io import open_dataset
-    from segcal_cli.io.writers import OUTPUT_DTYPES, OUTPUT_KINDS, apply_calibrator, output_format
+    from segcal_cli.applying import apply_calibrator
+    from segcal_cli.io.writers import OUTPUT_DTYPES, OUTPUT_KINDS, output_format
     from segcal_cli.errors import InputError
     from segcal_cli.report.apply import progress, render_summary
 
