@@ -355,3 +355,21 @@ def test_stream_memory_is_bounded_by_block_not_data(tmp_path):
     assert voxels == 6 * 256 * 256
     # the whole data as float32 would be 200 MB; a bounded stream grows by a few MB of blocks at most
     assert grown_mb < 40, f"peak RSS grew by {grown_mb} MB while streaming"
+
+
+# --- atomic writes, shared by artifacts, JSON reports and plots -----------------------------------------
+
+def test_atomic_path_leaves_whole_file_or_nothing(tmp_path):
+    from segcal_cli.io.files import atomic_path
+
+    target = tmp_path / "report.json"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        tmp.write_text("whole")
+    assert target.read_text() == "whole"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "whole"  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary left behind

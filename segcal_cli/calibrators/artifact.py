@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -21,6 +19,7 @@ import torch
 from segcal_cli.calibrators.base import Calibrator
 from segcal_cli.calibrators.registry import get_method
 from segcal_cli.errors import InputError
+from segcal_cli.io.files import atomic_path
 
 FORMAT = "segcal.calibrator"
 SCHEMA_VERSION = 1
@@ -92,15 +91,8 @@ def save_artifact(cal: Calibrator, path, fit_info: Optional[dict] = None) -> Pat
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise InputError(f"output directory {str(directory)!r} does not exist", source=str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 

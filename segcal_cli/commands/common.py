@@ -6,7 +6,6 @@ Declared once here as `Annotated` types so every command spells them the same wa
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
@@ -90,8 +89,6 @@ def human_console(json_to_stdout: bool = False, quiet: bool = False) -> Console:
 def write_json(payload: dict, target: Optional[str]) -> None:
     """Write JSON to a path ('-' = stdout). Files are written atomically (temp name, then rename)."""
     import json
-    import os
-    import tempfile
 
     if target is None:
         return
@@ -100,17 +97,10 @@ def write_json(payload: dict, target: Optional[str]) -> None:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
         return
-    path = Path(target)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from segcal_cli.io.files import atomic_path
+
+    with atomic_path(target) as tmp:
+        tmp.write_text(text + "\n")
 
 
 def _json_default(obj):

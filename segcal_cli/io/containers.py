@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from segcal_cli.errors import InputError
+from segcal_cli.io.files import close_quietly
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 ZARR_ZIP_SUFFIXES = (".zarr.zip", ".zip")
@@ -249,16 +250,7 @@ class Container:
         return ArrayInfo(shape=shape, dtype=dtype, chunks=chunks, dimension_names=names)
 
     def close(self) -> None:
-        if self._handle is not None and self.kind == "hdf5":
-            try:
-                self._handle.close()
-            except Exception:
-                pass
-        if self._store is not None:
-            try:
-                self._store.close()
-            except Exception:
-                pass
+        close_quietly(self._handle if self.kind == "hdf5" else None, self._store)
         self._handle = None
         self._store = None
 

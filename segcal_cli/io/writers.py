@@ -37,6 +37,7 @@ import numpy as np
 
 from segcal_cli.errors import InputError
 from segcal_cli.io.containers import container_stem
+from segcal_cli.io.files import close_quietly
 
 OUTPUT_KINDS = ("probabilities", "logits")
 OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
@@ -195,16 +196,7 @@ class AtomicOutput:
         return grp
 
     def _close_handles(self) -> None:
-        if self.root is not None and self.fmt == "hdf5":
-            try:
-                self.root.close()
-            except Exception:
-                pass
-        if self._store is not None:
-            try:
-                self._store.close()
-            except Exception:
-                pass
+        close_quietly(self.root if self.fmt == "hdf5" else None, self._store)
         self.root = None
         self._store = None
         self._groups = {}

@@ -3,14 +3,13 @@ per-case table, checks, and the progress bar (voxels/s). Renders the JSON payloa
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
 from rich.table import Table
 
+from segcal_cli.io.files import atomic_path
 from segcal_cli.report.progress import voxel_progress
 from rich.text import Text
 
@@ -167,12 +166,8 @@ def plot_reliability(payload: dict, path: str) -> None:
     fig.tight_layout()
     # Whole or not at all: draw to a temporary name beside the target, then rename.
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".png", dir=target.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, target)
+        with atomic_path(target, suffix=target.suffix or ".png") as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
