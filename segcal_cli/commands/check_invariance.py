@@ -94,7 +94,7 @@ def check_invariance_command(
 
     paths = list(paths or [])
     json_to_stdout = json_out == "-"
-    console = human_console(json_to_stdout, quiet)
+    console = human_console(json_to_stdout)
     required = audit.parse_require(require)
     opts = data_options(logits_key, labels_key, mask_key, class_axis, input_kind, ignore_index, device, chunk_voxels)
     if method is not None and all_methods:

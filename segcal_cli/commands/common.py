@@ -81,9 +81,10 @@ def data_options(
     return opts
 
 
-def human_console(json_to_stdout: bool = False, quiet: bool = False) -> Console:
-    """The console for human output: stderr when the JSON goes to stdout, so stdout holds JSON alone."""
-    return Console(stderr=json_to_stdout, quiet=False, highlight=False)
+def human_console(json_to_stdout: bool = False) -> Console:
+    """The console for human output: stderr when the JSON goes to stdout, so stdout holds JSON alone.
+    (`--quiet` only hides progress bars, spec.md: the summary is still printed.)"""
+    return Console(stderr=json_to_stdout, highlight=False)
 
 
 def write_json(payload: dict, target: Optional[str]) -> None:

@@ -85,7 +85,7 @@ def evaluate_command(
 
         require_scipy()
     opts = data_options(logits_key, labels_key, mask_key, class_axis, input_kind, ignore_index, device, chunk_voxels)
-    console = human_console(json_to_stdout=json_out == "-", quiet=quiet)
+    console = human_console(json_to_stdout=json_out == "-")
 
     import torch
 

@@ -67,7 +67,7 @@ def fit_command(
     options = FitOptions(method=method, max_voxels=max_voxels, seed=seed, val_fraction=val_fraction,
                          lambda_reg=lambda_reg, mu_reg=mu_reg, max_iter=max_iter).resolved()
     opts = data_options(logits_key, labels_key, mask_key, class_axis, input_kind, ignore_index, device, chunk_voxels)
-    console = human_console(json_to_stdout=json_out == "-", quiet=quiet)
+    console = human_console(json_to_stdout=json_out == "-")
     with open_dataset(list(data), opts, require_labels=True) as ds:
         with progress(console, method, quiet) as advance:
             result = fit_dataset(ds, options, on_voxels=advance)
