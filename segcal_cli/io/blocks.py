@@ -37,10 +37,10 @@ def _tile(extent: tuple[int, ...], step: tuple[int, ...], origin: tuple[int, ...
     ]
 
 
-def _grow(unit: list[int], shape: tuple[int, ...], max_voxels: int) -> list[int]:
-    """Enlarge a unit by whole chunks, last axis first, while it stays within max_voxels."""
+def _grow(unit: list[int], shape: tuple[int, ...], max_voxels: int, axes) -> list[int]:
+    """Enlarge a unit by whole chunks along `axes` in that order, while it stays within max_voxels."""
     grown = list(unit)
-    for axis in reversed(range(len(shape))):
+    for axis in axes:
         others = math.prod(grown) // grown[axis]
         fit = max_voxels // others
         if fit >= shape[axis]:
@@ -49,6 +49,17 @@ def _grow(unit: list[int], shape: tuple[int, ...], max_voxels: int) -> list[int]
         grown[axis] = max(unit[axis], fit // unit[axis] * unit[axis])
         break
     return grown
+
+
+def _grow_chunked(chunk: list[int], shape: tuple[int, ...], max_voxels: int) -> list[int]:
+    """A column of chunks along the first spatial axis: every whole chunk then lands in the unit's array as
+    a few contiguous runs (one per class when classes come first), which direct HDF5 reads scatter without a
+    copy (hdf5_direct.py). Only a column that stays under a quarter of max_voxels (a short first axis) grows
+    further, along the next axes, so that units do not get small."""
+    column = _grow(chunk, shape, max_voxels, [0])
+    if math.prod(column) * 4 > max_voxels or len(shape) == 1:
+        return column
+    return _grow(column, shape, max_voxels, range(1, len(shape)))
 
 
 def _split(unit: tuple[int, ...], max_voxels: int) -> tuple[int, ...]:
@@ -72,7 +83,10 @@ def plan(spatial_shape: tuple[int, ...], spatial_chunks: tuple[int, ...] | None,
         chunk = [max(1, min(c, s)) for c, s in zip(spatial_chunks, spatial_shape)]
     zero = (0,) * len(spatial_shape)
     if math.prod(chunk) <= max_voxels:
-        unit = tuple(_grow(chunk, spatial_shape, max_voxels))
+        if spatial_chunks is None:  # rows: grow the last axis first, the order they lie in on disk
+            unit = tuple(_grow(chunk, spatial_shape, max_voxels, reversed(range(len(spatial_shape)))))
+        else:
+            unit = tuple(_grow_chunked(chunk, spatial_shape, max_voxels))
         return [ReadUnit(region, (region,)) for region in _tile(spatial_shape, unit, zero)]
     piece = _split(tuple(chunk), max_voxels)
     units = []

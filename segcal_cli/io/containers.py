@@ -12,7 +12,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -125,6 +125,7 @@ class Container:
         self.kind = container_kind(self.path)
         self._handle: Any = None
         self._store: Any = None
+        self._fd: int | None = None  # for direct HDF5 chunk reads (hdf5_direct.py), opened on first use
         try:
             if self.kind == "hdf5":
                 import h5py
@@ -249,7 +250,22 @@ class Container:
                 names = tuple(str(d) for d in dims)
         return ArrayInfo(shape=shape, dtype=dtype, chunks=chunks, dimension_names=names)
 
+    def reader(self, array) -> Callable[[tuple], np.ndarray]:
+        """A function index -> numpy array as stored. Unfiltered chunked HDF5 is read by direct chunk reads
+        that release the GIL (hdf5_direct.py); everything else through h5py / zarr."""
+        if self.kind == "hdf5":
+            from segcal_cli.io.hdf5_direct import DirectChunkReader
+
+            if DirectChunkReader.eligible(array):
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                return DirectChunkReader(array, self._fd).read
+        return lambda index: np.asarray(array[index])
+
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         close_quietly(self._handle if self.kind == "hdf5" else None, self._store)
         self._handle = None
         self._store = None

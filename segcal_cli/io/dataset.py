@@ -74,16 +74,16 @@ class Dataset:
                     if container is not None:
                         container.close()
                     container = Container(Path(case.source))
-                logits_arr = container.get_array(case.logits_key)
-                labels_arr = container.get_array(case.labels_key) if (with_labels and case.labels_key) else None
-                mask_arr = container.get_array(case.mask_key) if case.mask_key else None
+                read_logits = container.reader(container.get_array(case.logits_key))
+                read_labels = (container.reader(container.get_array(case.labels_key))
+                               if (with_labels and case.labels_key) else None)
+                read_mask = container.reader(container.get_array(case.mask_key)) if case.mask_key else None
                 units = self.plan(ci)
                 for k, unit in enumerate(units):
                     try:
-                        logits = np.asarray(logits_arr[case.logits_index(unit.region)])
-                        labels = (np.asarray(labels_arr[case.spatial_index(unit.region)])
-                                  if labels_arr is not None else None)
-                        mask = np.asarray(mask_arr[case.spatial_index(unit.region)]) if mask_arr is not None else None
+                        logits = read_logits(case.logits_index(unit.region))
+                        labels = read_labels(case.spatial_index(unit.region)) if read_labels else None
+                        mask = read_mask(case.spatial_index(unit.region)) if read_mask else None
                     except InputError:
                         raise
                     except Exception as err:  # decoding errors of damaged chunks

@@ -1,0 +1,151 @@
+"""Direct HDF5 chunk reads (io/hdf5_direct.py): the same values as h5py for every read the planner makes, the
+zero-copy path where the layout allows it, and h5py wherever the stored bytes are not the values as they are."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from segcal_cli.io import DataOptions, open_dataset
+from segcal_cli.io.blocks import plan
+from segcal_cli.io.containers import Container
+from segcal_cli.io.hdf5_direct import DirectChunkReader
+
+RNG = np.random.default_rng(7)
+
+
+def _case_indices(shape, chunks, class_axis, batched, max_voxels):
+    """The logits indices the engine reads for every unit of every case (as CaseInfo.logits_index)."""
+    spatial = [s for i, s in enumerate(shape[1 if batched else 0:]) if i != class_axis]
+    spatial_chunks = [c for i, c in enumerate(chunks[1 if batched else 0:]) if i != class_axis]
+    for b in range(shape[0] if batched else 1):
+        for unit in plan(tuple(spatial), tuple(spatial_chunks), max_voxels):
+            index = list(unit.region)
+            index.insert(class_axis, slice(None))
+            yield tuple(([b] if batched else []) + index)
+
+
+LAYOUTS = [
+    # shape, chunks, class axis (per case), batched
+    ((3, 5, 37, 50), (1, 5, 16, 16), 0, True),  # classes first, edge chunks on both axes
+    ((3, 40, 48, 4), (1, 8, 16, 4), 2, True),  # classes last
+    ((5, 20, 24, 18), (5, 8, 8, 6), 0, False),  # 3D volume, one case
+    ((6, 64, 64), (6, 16, 64), 0, False),  # chunks spanning the whole row
+    ((4, 7, 33), (2, 7, 11), 0, False),  # a chunk holding only some classes
+]
+
+
+@pytest.mark.parametrize("shape,chunks,class_axis,batched", LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("max_voxels", [64, 1000, 1 << 18])
+def test_direct_reads_equal_h5py(tmp_path, shape, chunks, class_axis, batched, dtype, max_voxels):
+    data = RNG.normal(size=shape).astype(dtype)
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("logits", data=data, chunks=chunks)
+    with Container(path) as container:
+        array = container.get_array("logits")
+        assert DirectChunkReader.eligible(array)
+        read = container.reader(array)
+        for index in _case_indices(shape, chunks, class_axis, batched, max_voxels):
+            got = read(index)
+            assert got.dtype == data.dtype
+            np.testing.assert_array_equal(got, array[index])
+
+
+def test_column_units_scatter_whole_chunks_without_a_copy(tmp_path):
+    """Classes first, chunks (C, h, w): a column unit puts every whole chunk in C contiguous runs."""
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("logits", data=RNG.normal(size=(2, 4, 64, 64)).astype(np.float16), chunks=(1, 4, 16, 16))
+    with Container(path) as container:
+        reader = DirectChunkReader(container.get_array("logits"), os.open(path, os.O_RDONLY))
+        unit = plan((64, 64), (16, 16), 1024)[0]
+        assert [s.stop - s.start for s in unit.region] == [64, 16]  # a column along the first axis
+        strides = [s // 2 for s in np.empty((1, 4, 64, 16), np.float16).strides]
+        runs = reader._runs((1, 4, 16, 16), (0, 0, 16, 0), (1, 4, 64, 16), strides)
+        assert runs == [(c * 64 * 16 + 16 * 16, 16 * 16) for c in range(4)]
+
+
+def test_ineligible_datasets_are_read_by_h5py(tmp_path):
+    data = RNG.normal(size=(3, 32, 32)).astype(np.float32)
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("gzip", data=data, chunks=(3, 16, 16), compression="gzip")
+        f.create_dataset("contiguous", data=data)
+        f.create_dataset("big_endian", data=data.astype(">f4"), chunks=(3, 16, 16))
+    with Container(path) as container:
+        for key in ("gzip", "contiguous", "big_endian"):
+            array = container.get_array(key)
+            assert not DirectChunkReader.eligible(array), key
+            np.testing.assert_array_equal(container.reader(array)((slice(None), slice(0, 16), slice(0, 32))),
+                                          data[:, :16, :])
+    with h5py.File(tmp_path / "ub.h5", "w", userblock_size=512) as f:
+        f.create_dataset("logits", data=data, chunks=(3, 16, 16))
+    with Container(tmp_path / "ub.h5") as container:
+        assert not DirectChunkReader.eligible(container.get_array("logits"))
+
+
+def test_unallocated_chunks_and_off_grid_reads_fall_back(tmp_path):
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("logits", shape=(2, 32, 32), dtype=np.float32, chunks=(2, 16, 16), fillvalue=-3.0)
+        ds[:, :16, :16] = 1.0  # the other three chunks are never written
+    with Container(path) as container:
+        array = container.get_array("logits")
+        read = container.reader(array)
+        assert DirectChunkReader.eligible(array)
+        np.testing.assert_array_equal(read((slice(None), slice(0, 32), slice(0, 16))), array[:, :, :16])
+        np.testing.assert_array_equal(read((slice(None), slice(3, 20), slice(5, 9))), array[:, 3:20, 5:9])
+
+
+def test_a_short_read_falls_back_to_h5py(tmp_path):
+    """Bytes missing where HDF5 says a chunk is (a truncated file): the direct reader does not return a
+    partly filled array, it hands the read to h5py (which then reads or reports the file)."""
+    path = tmp_path / "x.h5"
+    data = RNG.normal(size=(3, 64, 64)).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("logits", data=data, chunks=(3, 16, 16))
+    short = tmp_path / "short.bin"
+    short.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    fd = os.open(short, os.O_RDONLY)
+    try:
+        with Container(path) as container:
+            reader = DirectChunkReader(container.get_array("logits"), fd)
+            np.testing.assert_array_equal(reader.read((slice(None), slice(0, 64), slice(48, 64))), data[:, :, 48:])
+    finally:
+        os.close(fd)
+
+
+def test_container_closes_its_descriptor(tmp_path):
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("logits", data=np.zeros((2, 16, 16), np.float32), chunks=(2, 8, 8))
+    container = Container(path)
+    container.reader(container.get_array("logits"))((slice(None), slice(0, 8), slice(0, 8)))
+    fd = container._fd
+    assert fd is not None
+    container.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_stream_of_direct_and_h5py_reads_is_identical(tmp_path):
+    """Whole streams through the engine: the unfiltered file (direct reads) and a gzip copy (h5py) agree."""
+    logits = RNG.normal(size=(3, 4, 50, 70)).astype(np.float16)
+    labels = RNG.integers(0, 4, size=(3, 50, 70)).astype(np.uint8)
+    for name, compression in (("plain.h5", None), ("gzip.h5", "gzip")):
+        with h5py.File(tmp_path / name, "w") as f:
+            f.create_dataset("logits", data=logits, chunks=(1, 4, 16, 16), compression=compression)
+            f.create_dataset("labels", data=labels, chunks=(1, 16, 16), compression=compression)
+    streams = {}
+    for name in ("plain.h5", "gzip.h5"):
+        ds = open_dataset([str(tmp_path / name)], DataOptions(chunk_voxels=600))
+        streams[name] = [(b.case_index, b.region, b.logits.clone(), b.labels.clone()) for b in ds.stream()]
+    assert len(streams["plain.h5"]) == len(streams["gzip.h5"])
+    for a, b in zip(streams["plain.h5"], streams["gzip.h5"]):
+        assert a[:2] == b[:2]
+        assert bool((a[2] == b[2]).all()) and bool((a[3] == b[3]).all())
