@@ -32,15 +32,25 @@ from segcal_cli.io.writers import (OUTPUT_DTYPES, OUTPUT_KINDS, AtomicOutput, Ou
 COMPUTE_VOXELS = 1 << 14
 
 
-def _softmax_classes_first(z):
-    """softmax over dim 0 of a (C, n) piece. exp dominates; summing the classes with a (1, C) @ (C, n)
-    product instead of a strided reduction made the whole map ~1.5x faster than torch.softmax(z, 0)
-    (19 x 16K float32 pieces, one thread: 540 vs 360 M values/s)."""
+_LOG2_E = 1.4426950408889634
+
+
+def _softmax_classes_first(z, out=None, scale: float = 1.0):
+    """softmax over dim 0 of a (C, n) piece, written into `out` (any float dtype) when given.
+
+    exp dominates, and torch's CPU exp is slow here (1.2-1.6 ns per value on this project's AVX2 machines)
+    while exp2 is faster (0.8 ns): p_k = 2^((z_k - max) log2 e) / sum. The extra multiply rounds the
+    argument, a relative error below 4e-6 for the tiniest probabilities (p ~ e^-87) and ~1e-7 near 1.
+    Summing the classes with a (1, C) @ (C, n) product instead of a strided reduction was ~1.5x faster
+    than torch.softmax(z, 0). 19 x 16K float32 pieces, one thread: 1.73 -> 1.32 s per 1e9 values (exp ->
+    exp2), 1.50 s including the rounding to float16 in the division."""
     import torch
 
-    e = torch.sub(z, z.amax(0, keepdim=True)).exp_()
+    e = torch.sub(z, z.amax(0, keepdim=True)).mul_(_LOG2_E * scale).exp2_()
     ones = torch.ones((1, z.shape[0]), dtype=z.dtype, device=z.device)
-    return e.div_(ones @ e)
+    if out is None:
+        return e.div_(ones @ e)
+    return torch.div(e, ones @ e, out=out)
 
 
 def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
@@ -56,14 +66,20 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
     dtype = dtype or torch.float32
     n = logits.shape[1]
     out = torch.empty((1 if binary else logits.shape[0], n), dtype=dtype, device=logits.device)
+    # temperature scaling: the softmax folds 1/T in, instead of a forward pass that rescales every logit
+    scale = cal.softmax_scale() if (cal is not None and kind == "probabilities") else None
     for start in range(0, n, COMPUTE_VOXELS):
         piece = logits[:, start:start + COMPUTE_VOXELS]
-        z = cal.forward(piece) if cal is not None else piece
         if kind == "probabilities":
-            p = _softmax_classes_first(z)
-            out[:, start:start + COMPUTE_VOXELS] = p[1:2] if binary else p
-        else:
-            out[:, start:start + COMPUTE_VOXELS] = z[1:2] - z[0:1] if binary else z
+            z = piece if (cal is None or scale is not None) else cal.forward(piece)
+            s = 1.0 if scale is None else scale
+            if binary:
+                out[:, start:start + COMPUTE_VOXELS] = _softmax_classes_first(z, scale=s)[1:2]
+            else:  # divided straight into the result (and rounded to its dtype there)
+                _softmax_classes_first(z, out[:, start:start + COMPUTE_VOXELS], scale=s)
+            continue
+        z = cal.forward(piece) if cal is not None else piece
+        out[:, start:start + COMPUTE_VOXELS] = z[1:2] - z[0:1] if binary else z
     return out
 
 

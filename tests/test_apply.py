@@ -220,3 +220,25 @@ def test_root_attributes_describe_the_content(tmp_path):
     attrs = dict(group.attrs)
     assert attrs["kind"] == "probabilities" and attrs["num_classes"] == C and attrs["ignore_index"] == -100
     assert attrs["calibrator_method"] == "ts"
+
+
+def test_temperature_scaling_folds_into_the_softmax():
+    """`apply` computes softmax(z / T) without a forward pass (softmax_scale); same numbers as forward +
+    softmax; every other family says it is not a pure rescaling."""
+    import torch
+
+    from segcal_cli.applying import calibrated_output
+    from segcal_cli.calibrators import get_method
+    from segcal_cli.calibrators.registry import METHODS
+
+    z = torch.randn(7, 5000, generator=torch.Generator().manual_seed(3)) * 6
+    cal = get_method("ts").from_parameters(7, {"temperature": torch.tensor(1.7)})
+    assert cal.softmax_scale() == pytest.approx(1 / 1.7)
+    expected = torch.softmax(cal.forward(z).double(), 0)
+    # float32: a few ulp (exp2 of a rounded argument); float16: its rounding, 2^-11 relative, 2^-24 absolute
+    for dtype, rel, absolute in ((torch.float32, 4e-6, 1e-30), (torch.float16, 2.0 ** -10, 2.0 ** -24)):
+        got = calibrated_output(cal, z, "probabilities", False, dtype).double()
+        assert bool(((got - expected).abs() <= rel * expected + absolute).all()), dtype
+    for name in METHODS:
+        if name != "ts":
+            assert get_method(name).identity(7).softmax_scale() is None, name

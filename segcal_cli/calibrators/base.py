@@ -212,5 +212,11 @@ class Calibrator:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.forward(logits), dim=0)
 
+    def softmax_scale(self) -> float | None:
+        """s > 0 when the calibrated probabilities are softmax(s * z) for every input z (temperature scaling),
+        so a softmax can fold s into its own arithmetic instead of running `forward` first (segcal apply);
+        None for every family that is not a pure rescaling."""
+        return None
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} C={self.num_classes}>"

@@ -48,6 +48,9 @@ class TemperatureScaling(Calibrator):
     def temperature(self) -> float:
         return float(self._params["temperature"])
 
+    def softmax_scale(self) -> float | None:
+        return 1.0 / self.temperature
+
 
 class EnsembleTemperatureScaling(Calibrator):
     name = "ets"

@@ -12,6 +12,10 @@ no filter in the pipeline, a native-endian numeric dtype, the default (sec2) fil
 per chunk, allocated and of exactly the chunk's size. Anything else, and any doubt on a read (a short read,
 an unallocated chunk, a selection not on the chunk grid), goes through h5py unchanged.
 
+Writes. `segcal apply` writes an unfiltered HDF5 output the same way: the output dataset is created with its
+chunks allocated at creation (`early_allocation()`, no fill values written) so HDF5 knows every chunk's
+address before the first write, and each whole chunk goes to that address with one pwritev, GIL released.
+
 Zero copy. A read unit of the planner is a column of chunks along the first spatial axis (io/blocks.py), so a
 whole chunk lands in the destination as a few contiguous runs (one per class when classes come first, one
 when they come last) and preadv scatters it there in one call. Chunks that do not fit that way (edge chunks,
@@ -54,10 +58,8 @@ def _eligible(dataset) -> bool:
         return False
 
 
-class DirectChunkReader:
-    """`read(index)` == `np.asarray(dataset[index])` for an index of ints and step-1 slices, faster.
-
-    `fd` is a read-only descriptor of the dataset's file, owned by the caller (Container)."""
+class _ChunkLayout:
+    """The chunk grid of one dataset, and how a chunk-aligned selection maps onto it."""
 
     def __init__(self, dataset, fd: int):
         self._dataset = dataset
@@ -67,17 +69,6 @@ class DirectChunkReader:
         self._chunk_bytes = math.prod(self._chunks) * self._dtype.itemsize
         self._fd = fd
         self._scratch: np.ndarray | None = None
-
-    @staticmethod
-    def eligible(dataset) -> bool:
-        return _eligible(dataset)
-
-    # -- reading ---------------------------------------------------------------------------------------
-    def read(self, index: tuple) -> np.ndarray:
-        try:
-            return self._read(index)
-        except _Fallback:
-            return np.asarray(self._dataset[index])
 
     def _box(self, index: tuple) -> tuple[list[tuple[int, int]], list[int]]:
         """(start, stop) per dimension and the dimensions an int index drops; _Fallback off the chunk grid."""
@@ -102,31 +93,17 @@ class DirectChunkReader:
             box.append((start, stop))
         return box, dropped
 
-    def _read(self, index: tuple) -> np.ndarray:
-        box, dropped = self._box(index)
-        out = np.empty(tuple(b - a for a, b in box), dtype=self._dtype)
-        flat = out.reshape(-1)
-        strides = [s // self._dtype.itemsize for s in out.strides]
-        chunks = self._chunks
-        grids = [range(a, b, c) for (a, b), c in zip(box, chunks)]
-        for corner in itertools.product(*grids):
+    def _chunks_in(self, box, array_shape):
+        """(file offset, valid extent, position in the box's array, contiguous runs or None) per chunk."""
+        strides = [math.prod(array_shape[d + 1:]) for d in range(len(array_shape))]
+        for corner in itertools.product(*[range(a, b, c) for (a, b), c in zip(box, self._chunks)]):
             info = self._dataset.id.get_chunk_info_by_coord(corner)
             if info.byte_offset is None or info.size != self._chunk_bytes or info.filter_mask:
                 raise _Fallback  # unallocated (fill value) or unexpected: let HDF5 decide
-            valid = tuple(min(c, s - o) for c, s, o in zip(chunks, self._shape, corner))
+            valid = tuple(min(c, s - o) for c, s, o in zip(self._chunks, self._shape, corner))
             local = tuple(o - a for o, (a, _) in zip(corner, box))
-            runs = self._runs(valid, local, out.shape, strides) if valid == chunks else None
-            if runs is not None:
-                buffers = [flat[start:start + length] for start, length in runs]
-                got = os.preadv(self._fd, buffers, info.byte_offset)
-            else:
-                scratch = self._scratch_buffer()
-                got = os.preadv(self._fd, [scratch], info.byte_offset)
-                part = scratch.reshape(chunks)[tuple(slice(0, v) for v in valid)]
-                out[tuple(slice(lo, lo + v) for lo, v in zip(local, valid))] = part
-            if got != self._chunk_bytes:
-                raise _Fallback  # short read: a truncated or damaged file; h5py reports it properly
-        return out.reshape(tuple(n for d, n in enumerate(out.shape) if d not in dropped))
+            runs = self._runs(valid, local, array_shape, strides) if valid == self._chunks else None
+            yield info.byte_offset, valid, local, runs
 
     def _runs(self, chunk: tuple[int, ...], local: tuple[int, ...], out_shape: tuple[int, ...],
               strides: list[int]) -> list[tuple[int, int]] | None:
@@ -146,7 +123,91 @@ class DirectChunkReader:
         return [(base + sum(i * st for i, st in zip(position, strides)), length)
                 for position in itertools.product(*(range(n) for n in outer))]
 
-    def _scratch_buffer(self) -> np.ndarray:
+    def _scratch_chunk(self) -> np.ndarray:
         if self._scratch is None:
-            self._scratch = np.empty(math.prod(self._chunks), dtype=self._dtype)
+            self._scratch = np.empty(self._chunks, dtype=self._dtype)
         return self._scratch
+
+
+class DirectChunkReader(_ChunkLayout):
+    """`read(index)` == `np.asarray(dataset[index])` for an index of ints and step-1 slices, faster.
+
+    `fd` is a read-only descriptor of the dataset's file, owned by the caller (Container)."""
+
+    @staticmethod
+    def eligible(dataset) -> bool:
+        return _eligible(dataset)
+
+    def read(self, index: tuple) -> np.ndarray:
+        try:
+            return self._read(index)
+        except _Fallback:
+            return np.asarray(self._dataset[index])
+
+    def _read(self, index: tuple) -> np.ndarray:
+        box, dropped = self._box(index)
+        out = np.empty(tuple(b - a for a, b in box), dtype=self._dtype)
+        flat = out.reshape(-1)
+        for offset, valid, local, runs in self._chunks_in(box, out.shape):
+            if runs is not None:
+                got = os.preadv(self._fd, [flat[start:start + length] for start, length in runs], offset)
+            else:
+                scratch = self._scratch_chunk()
+                got = os.preadv(self._fd, [scratch.reshape(-1)], offset)
+                out[tuple(slice(lo, lo + v) for lo, v in zip(local, valid))] = scratch[tuple(slice(0, v) for v in valid)]
+            if got != self._chunk_bytes:
+                raise _Fallback  # short read: a truncated or damaged file; h5py reports it properly
+        return out.reshape(tuple(n for d, n in enumerate(out.shape) if d not in dropped))
+
+
+class DirectChunkWriter(_ChunkLayout):
+    """`writer[index] = data` is `dataset[index] = data` for whole chunks of an early-allocated dataset.
+
+    `fd` is a writable descriptor of the dataset's file, owned by the caller (the output container)."""
+
+    @staticmethod
+    def eligible(dataset) -> bool:
+        try:
+            import h5py
+
+            plist = dataset.id.get_create_plist()
+            early = plist.get_alloc_time() == h5py.h5d.ALLOC_TIME_EARLY
+        except Exception:
+            return False
+        return early and _eligible(dataset)
+
+    def __setitem__(self, index: tuple, data: np.ndarray) -> None:
+        try:
+            self._write(index, data)
+        except _Fallback:
+            self._dataset[index] = data
+
+    def _write(self, index: tuple, data: np.ndarray) -> None:
+        box, _ = self._box(index)
+        shape = tuple(b - a for a, b in box)
+        if data.dtype != self._dtype or math.prod(data.shape) != math.prod(shape):
+            raise _Fallback
+        data = np.ascontiguousarray(data).reshape(shape)
+        flat = data.reshape(-1)
+        for offset, valid, local, runs in self._chunks_in(box, shape):
+            if runs is not None:
+                buffers = [flat[start:start + length] for start, length in runs]
+            else:  # an edge chunk is stored whole: the part outside the array is written as zeros
+                scratch = self._scratch_chunk()
+                scratch[...] = 0
+                scratch[tuple(slice(0, v) for v in valid)] = data[tuple(slice(lo, lo + v) for lo, v in zip(local, valid))]
+                buffers = [scratch.reshape(-1)]
+            written = os.pwritev(self._fd, buffers, offset)
+            if written != self._chunk_bytes:
+                raise OSError(f"short write: {written} of {self._chunk_bytes} bytes")
+
+
+def early_allocation():
+    """A dataset-creation property list that allocates every chunk at creation and writes no fill value, so
+    `DirectChunkWriter` knows each chunk's address before writing (HDF5 keeps the chunk index)."""
+    import h5py
+
+    plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    plist.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return plist

@@ -159,6 +159,7 @@ class AtomicOutput:
         self.root: Any = None
         self._store: Any = None
         self._groups: dict[str, Any] = {}
+        self._fd: Optional[int] = None  # for direct chunk writes into the HDF5 temporary (hdf5_direct.py)
         remove_stale_temporaries(self.out)
         _remove(self.tmp)
         try:
@@ -195,7 +196,21 @@ class AtomicOutput:
         self._groups[path] = grp
         return grp
 
+    def direct_writer(self, dataset):
+        """A DirectChunkWriter for an unfiltered, early-allocated dataset of this HDF5 output (else the
+        dataset itself, written through h5py)."""
+        from segcal_cli.io.hdf5_direct import DirectChunkWriter
+
+        if not DirectChunkWriter.eligible(dataset):
+            return dataset
+        if self._fd is None:
+            self._fd = os.open(self.tmp, os.O_WRONLY)
+        return DirectChunkWriter(dataset, self._fd)
+
     def _close_handles(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         close_quietly(self.root if self.fmt == "hdf5" else None, self._store)
         self.root = None
         self._store = None
@@ -424,10 +439,15 @@ def create_array(output: AtomicOutput, key: str, shape: tuple[int, ...], dtype: 
     group = output.group(group_path)
     if output.fmt == "hdf5":
         kwargs = dict(storage.hdf5) if storage.chunks is not None else {}
+        direct = storage.chunks is not None and not kwargs  # unfiltered chunks: written by pwritev
+        if direct:
+            from segcal_cli.io.hdf5_direct import early_allocation
+
+            kwargs["dcpl"] = early_allocation()
         dset = group.create_dataset(name, shape=shape, dtype=dtype, chunks=storage.chunks, **kwargs)
         for akey, value in _hdf5_attrs({**attributes, "dimension_names": list(dimension_names)}).items():
             dset.attrs[akey] = value
-        return dset
+        return output.direct_writer(dset) if direct else dset
     return group.create_array(
         name, shape=shape, dtype=dtype, chunks=storage.chunks, shards=storage.shards,
         compressors=storage.zarr_compressors, fill_value=0, dimension_names=list(dimension_names),
@@ -436,6 +456,7 @@ def create_array(output: AtomicOutput, key: str, shape: tuple[int, ...], dtype: 
 
 
 def _write(array, index, data) -> None:
+    """One whole-chunk write: an h5py / zarr array, or a DirectChunkWriter (same `[index] = data`)."""
     array[index] = data
 
 
