@@ -42,6 +42,9 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
 ) -> None:
     _state["debug"] = debug
+    from segcal_cli.memory import reuse_freed_memory
+
+    reuse_freed_memory()  # before any reader / writer thread exists
 
 
 def _guarded(func):
