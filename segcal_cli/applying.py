@@ -63,11 +63,16 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
     """
     import torch
 
+    from segcal_cli import fastmath
+
     dtype = dtype or torch.float32
     n = logits.shape[1]
     out = torch.empty((1 if binary else logits.shape[0], n), dtype=dtype, device=logits.device)
     # temperature scaling: the softmax folds 1/T in, instead of a forward pass that rescales every logit
     scale = cal.softmax_scale() if (cal is not None and kind == "probabilities") else None
+    if kind == "probabilities" and not binary and (cal is None or scale is not None):
+        if fastmath.softmax_into(logits, out, 1.0 if scale is None else scale):  # numba, whole block, tiled
+            return out
     for start in range(0, n, COMPUTE_VOXELS):
         piece = logits[:, start:start + COMPUTE_VOXELS]
         if kind == "probabilities":
@@ -75,8 +80,10 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
             s = 1.0 if scale is None else scale
             if binary:
                 out[:, start:start + COMPUTE_VOXELS] = _softmax_classes_first(z, scale=s)[1:2]
-            else:  # divided straight into the result (and rounded to its dtype there)
-                _softmax_classes_first(z, out[:, start:start + COMPUTE_VOXELS], scale=s)
+                continue
+            target = out[:, start:start + COMPUTE_VOXELS]
+            if not fastmath.softmax_into(z, target, s):  # else torch, rounded to out's dtype in the division
+                _softmax_classes_first(z, target, scale=s)
             continue
         z = cal.forward(piece) if cal is not None else piece
         out[:, start:start + COMPUTE_VOXELS] = z[1:2] - z[0:1] if binary else z
