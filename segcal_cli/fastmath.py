@@ -50,101 +50,99 @@ _TWO_23 = _f32(8388608.0)
 _F16_MIN_NORMAL_BITS = _i32(0x38800000)  # float32 bits of 2^-14
 
 _error: Optional[str] = None
-_kernels: Optional[dict] = None
-
-
-def _build() -> dict:
+try:
     from numba import njit
+except Exception as err:  # not installed or broken: every caller has a torch path
+    njit = None
+    _error = f"{type(err).__name__}: {err}"
 
-    def jit(**options):
-        options = dict(fastmath={"contract"}, error_model="numpy", boundscheck=False, **options)
-        try:
-            return njit(cache=True, **options)
-        except Exception:  # pragma: no cover - a cache directory numba cannot use
-            return njit(**options)
 
-    @jit(inline="always")
-    def exp_nonpositive(x):
-        """float32 exp(x) for x <= 0 (x < -87 gives exp(-87)); exp(0) = 1 exactly."""
-        x = x if x > _EXP_FLOOR else _EXP_FLOOR
-        t = x * _LOG2E + _ROUND_MAGIC
-        n = t - _ROUND_MAGIC  # nearest integer to x / ln 2
-        r = x - n * _LN2_HI
-        r = r + n * _LN2_LO_NEG
-        p = _E6
-        p = p * r + _E5
-        p = p * r + _E4
-        p = p * r + _E3
-        p = p * r + _E2
-        p = p * r + _ONE
-        p = p * r + _ONE
-        # t = 1.5 * 2^23 + n: its low bits hold n, so (bits of t) << 23 adds n to p's exponent
-        return np.int32(np.float32(p).view(np.int32) + (np.float32(t).view(np.int32) << _i32(23))).view(np.float32)
+def _jit(**options):
+    """numba.njit with this module's settings; compiled code cached on disk (module-level functions only:
+    numba cannot cache closures, which compiled again in every process: 1.6 s per run)."""
+    if njit is None:
+        return lambda fn: None
+    options = dict(fastmath={"contract"}, error_model="numpy", boundscheck=False, cache=True, **options)
+    return njit(**options)
 
-    @jit(inline="always")
-    def half_bits_of_unit(p):
-        """IEEE float16 bits of a float32 p in [0, 1], rounded to nearest even (as torch / numpy round)."""
-        bits = np.float32(p).view(np.int32)
-        normal = ((bits + _i32(0xFFF) + ((bits >> _i32(13)) & _i32(1))) >> _i32(13)) - _i32(112 << 10)
-        # below 2^-14 float16 is subnormal: p * 2^24 rounded to an integer (adding 2^23 rounds it)
-        sub = np.float32(p * _TWO_24 + _TWO_23).view(np.int32) - _i32(0x4B000000)
-        return np.uint16(normal if bits >= _F16_MIN_NORMAL_BITS else sub)
 
-    @jit(nogil=True)
-    def softmax_tiles(z, out, out_stride, out_offset, C, n, scale, half):
-        """Softmax over classes of z, a flat C-contiguous (C, n) float32 array, of s * z (s = `scale` > 0).
-        Row k of the result goes to out[k * out_stride + out_offset + j]; `out` is float32, or (half=True)
-        the uint16 view of a float16 array."""
-        e = np.empty(C * TILE, np.float32)  # exp(s (z - max)) of the tile, until the sum is known
-        top = np.empty(TILE, np.float32)
-        total = np.empty(TILE, np.float32)
-        nn = _u64(n)
-        T = _u64(TILE)
-        for t0 in range(0, n, TILE):
-            w = _u64(min(TILE, n - t0))
-            t = _u64(t0)
+
+
+
+@_jit(inline="always")
+def exp_nonpositive(x):
+    """float32 exp(x) for x <= 0 (x < -87 gives exp(-87)); exp(0) = 1 exactly."""
+    x = x if x > _EXP_FLOOR else _EXP_FLOOR
+    t = x * _LOG2E + _ROUND_MAGIC
+    n = t - _ROUND_MAGIC  # nearest integer to x / ln 2
+    r = x - n * _LN2_HI
+    r = r + n * _LN2_LO_NEG
+    p = _E6
+    p = p * r + _E5
+    p = p * r + _E4
+    p = p * r + _E3
+    p = p * r + _E2
+    p = p * r + _ONE
+    p = p * r + _ONE
+    # t = 1.5 * 2^23 + n: its low bits hold n, so (bits of t) << 23 adds n to p's exponent
+    return np.int32(np.float32(p).view(np.int32) + (np.float32(t).view(np.int32) << _i32(23))).view(np.float32)
+
+@_jit(inline="always")
+def half_bits_of_unit(p):
+    """IEEE float16 bits of a float32 p in [0, 1], rounded to nearest even (as torch / numpy round)."""
+    bits = np.float32(p).view(np.int32)
+    normal = ((bits + _i32(0xFFF) + ((bits >> _i32(13)) & _i32(1))) >> _i32(13)) - _i32(112 << 10)
+    # below 2^-14 float16 is subnormal: p * 2^24 rounded to an integer (adding 2^23 rounds it)
+    sub = np.float32(p * _TWO_24 + _TWO_23).view(np.int32) - _i32(0x4B000000)
+    return np.uint16(normal if bits >= _F16_MIN_NORMAL_BITS else sub)
+
+@_jit(nogil=True)
+def softmax_tiles(z, out, out_stride, out_offset, C, n, scale, half):
+    """Softmax over classes of z, a flat C-contiguous (C, n) float32 array, of s * z (s = `scale` > 0).
+    Row k of the result goes to out[k * out_stride + out_offset + j]; `out` is float32, or (half=True)
+    the uint16 view of a float16 array."""
+    e = np.empty(C * TILE, np.float32)  # exp(s (z - max)) of the tile, until the sum is known
+    top = np.empty(TILE, np.float32)
+    total = np.empty(TILE, np.float32)
+    nn = _u64(n)
+    T = _u64(TILE)
+    for t0 in range(0, n, TILE):
+        w = _u64(min(TILE, n - t0))
+        t = _u64(t0)
+        for j in range(w):
+            top[j] = z[t + j]
+            total[j] = 0.0
+        for k in range(1, C):
+            b = _u64(k) * nn + t
             for j in range(w):
-                top[j] = z[t + j]
-                total[j] = 0.0
-            for k in range(1, C):
-                b = _u64(k) * nn + t
-                for j in range(w):
-                    v = z[b + j]
-                    top[j] = v if v > top[j] else top[j]
-            for k in range(C):  # in class order: the sum does not depend on the tiling
-                b = _u64(k) * nn + t
-                q = _u64(k) * T
-                for j in range(w):
-                    x = exp_nonpositive((z[b + j] - top[j]) * scale)
-                    e[q + j] = x
-                    total[j] += x
+                v = z[b + j]
+                top[j] = v if v > top[j] else top[j]
+        for k in range(C):  # in class order: the sum does not depend on the tiling
+            b = _u64(k) * nn + t
+            q = _u64(k) * T
             for j in range(w):
-                total[j] = _ONE / total[j]
-            for k in range(C):
-                o = _u64(k) * _u64(out_stride) + _u64(out_offset) + t
-                q = _u64(k) * T
-                if half:
-                    for j in range(w):
-                        out[o + j] = half_bits_of_unit(e[q + j] * total[j])
-                else:
-                    for j in range(w):
-                        out[o + j] = e[q + j] * total[j]
-
-    return {"exp_nonpositive": exp_nonpositive, "half_bits_of_unit": half_bits_of_unit,
-            "softmax_tiles": softmax_tiles}
+                x = exp_nonpositive((z[b + j] - top[j]) * scale)
+                e[q + j] = x
+                total[j] += x
+        for j in range(w):
+            total[j] = _ONE / total[j]
+        for k in range(C):
+            o = _u64(k) * _u64(out_stride) + _u64(out_offset) + t
+            q = _u64(k) * T
+            if half:
+                for j in range(w):
+                    out[o + j] = half_bits_of_unit(e[q + j] * total[j])
+            else:
+                for j in range(w):
+                    out[o + j] = e[q + j] * total[j]
 
 
 def kernels() -> Optional[dict]:
     """The compiled kernels, or None when SEGCAL_NUMBA=0 or numba cannot be used here (`error()` says why)."""
-    global _kernels, _error
-    if os.environ.get(ENV_VAR, "").strip().lower() in ("0", "false", "no", "off"):
+    if njit is None or os.environ.get(ENV_VAR, "").strip().lower() in ("0", "false", "no", "off"):
         return None
-    if _kernels is None and _error is None:
-        try:
-            _kernels = _build()
-        except Exception as err:
-            _error = f"{type(err).__name__}: {err}"
-    return _kernels
+    return {"exp_nonpositive": exp_nonpositive, "half_bits_of_unit": half_bits_of_unit,
+            "softmax_tiles": softmax_tiles}
 
 
 def error() -> Optional[str]:
