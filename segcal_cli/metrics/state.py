@@ -15,6 +15,10 @@ cost per-voxel work and are only accumulated when asked for; `compute` returns e
 for (plus `adaptive_ece_bound` with `adaptive_ece`, `ba_ece` with boundary). The reliability bins and the
 confusion matrix are always kept (the reliability diagram and decision preservation need them; both cost
 one histogram per sub-block).
+
+`add` takes eager per-voxel statistics (voxels.py); the fused numba kernel (fused.py) instead adds the
+histograms into this state's tensors in place and its totals through `add_sums`, leaving only the
+classwise-ECE and BA-ECE sums to `add_extras`.
 """
 
 from __future__ import annotations
@@ -136,11 +140,6 @@ class MetricState:
         self.bin_count += torch.bincount(idx * 2 + correct, minlength=2 * nb)
         self.bin_conf += torch.bincount(idx, weights=conf64, minlength=nb)
         self.confusion += torch.bincount(labels * C + stats.pred, minlength=C * C)
-        if self.wants_classwise:
-            label_count = torch.bincount(labels, minlength=C)
-            self.label_count += label_count
-            self._add_classwise(stats.probs, labels, label_count)
-
         if self.wants_adaptive:
             fine = stats.fine_bucket if stats.fine_bucket is not None else adaptive.fine_bucket(conf)
             F = adaptive.NUM_BUCKETS
@@ -148,10 +147,33 @@ class MetricState:
             self.fine_conf += torch.bincount(fine, weights=conf64, minlength=F)
             self.fine_min.scatter_reduce_(0, fine, conf64, reduce="amin")
             self.fine_max.scatter_reduce_(0, fine, conf64, reduce="amax")
+        self.add_extras(stats, labels, distances)
+
+    @property
+    def has_extras(self) -> bool:
+        """Whether the state holds sums the fused kernel does not compute (classwise ECE, BA-ECE)."""
+        return self.wants_classwise or self.boundary
+
+    def extras_needs(self) -> dict:
+        """The voxels.voxel_stats arguments `add_extras` needs."""
+        return {"nll": False, "brier": False, "probs": self.wants_classwise}
+
+    def add_extras(self, stats: VoxelStats, labels: torch.Tensor, distances: torch.Tensor | None = None) -> None:
+        """The classwise-ECE and BA-ECE sums of s valid voxels: the part of `add` that the fused kernel
+        (fused.py), which adds everything else, leaves to the eager statistics."""
+        C = self.num_classes
+        if labels.shape[0] == 0:
+            return
+        if self.wants_classwise:
+            label_count = torch.bincount(labels, minlength=C)
+            self.label_count += label_count
+            self._add_classwise(stats.probs, labels, label_count)
 
         if self.boundary:
             if distances is None:
                 raise ValueError("this state measures BA-ECE: pass distances")
+            conf = stats.conf
+            correct = stats.correct.long()
             dist = distances.double()
             band_conf, band_correct = conf, correct
             finite = torch.isfinite(dist)
@@ -161,6 +183,15 @@ class MetricState:
             self.band_count += _bincount(2 * band + band_correct, 2 * NUM_BANDS)
             self.band_conf += _bincount(band, NUM_BANDS, band_conf)
             self.band_dist += _bincount(band, NUM_BANDS, dist)
+
+    def add_sums(self, voxels: int, nll_sum: float, brier_sum: float) -> None:
+        """The totals of valid voxels whose histograms (reliability bins, confusion matrix, adaptive buckets)
+        the fused kernel (fused.py) has already added to this state's tensors in place."""
+        self.voxels += voxels
+        if self.wants_nll:
+            self.nll_sum += nll_sum
+        if self.wants_brier:
+            self.brier_sum += brier_sum
 
     def _add_classwise(self, probs: torch.Tensor, labels: torch.Tensor, label_count: torch.Tensor) -> None:
         """Bins of every p_k. Most p_k fall in bin 0, so only the entries above it are binned one by one;
