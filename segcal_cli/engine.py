@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from segcal_cli.errors import InputError
-from segcal_cli.io.blocks import Region, region_shape
+from segcal_cli.io.blocks import Region, region_shape, region_size
 from segcal_cli.io.cases import CaseInfo
 from segcal_cli.io.dataset import Dataset, RawUnit
 from segcal_cli.memory import reuse_freed_memory
@@ -138,9 +138,29 @@ def _as_tensor(array, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).to(device)
 
 
-def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: Dataset) -> torch.Tensor:
+def _half_to_float_checked(stored: torch.Tensor, half_to_float, case: CaseInfo, dataset: Dataset) -> torch.Tensor:
+    """float16 -> float32 and the finiteness check in one pass (fastmath.half_to_float): the torch way is a
+    conversion and then a sum over the float32 copy, 4 bytes per value more of memory traffic, and this
+    stream is bound by memory bandwidth. Exact either way."""
+    src = stored.numpy()
+    if not src.flags.c_contiguous:
+        src = np.ascontiguousarray(src)
+    out = torch.empty(stored.shape, dtype=torch.float32)
+    if half_to_float(src.reshape(-1).view(np.uint16), out.numpy().reshape(-1)):
+        count = dataset.count_nonfinite(dataset.cases.index(case))
+        raise InputError(f"logits contain {count} NaN or Inf values", source=case.source, case=case.id)
+    return out
+
+
+def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: Dataset,
+               half_to_float=None) -> torch.Tensor:
     """(C_stored, *shape) in the stored dtype -> (C, n) float32 canonical logits."""
-    x = stored if stored.dtype == torch.float32 else stored.to(torch.float32)  # one copy, on the device
+    checked = False
+    if half_to_float is not None and stored.dtype == torch.float16 and stored.device.type == "cpu" \
+            and input_kind != "probs":
+        x, checked = _half_to_float_checked(stored, half_to_float, case, dataset), True
+    else:
+        x = stored if stored.dtype == torch.float32 else stored.to(torch.float32)  # one copy, on the device
     if case.class_axis != 0:
         x = x.movedim(case.class_axis, 0)
     x = x.reshape(x.shape[0], -1)
@@ -157,7 +177,7 @@ def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: D
         # One reduction instead of an element-wise test: a NaN or Inf anywhere makes the sum
         # non-finite, and a finite sum proves every element finite (a float32 sum that overflows only sends us
         # to the exact test). Only on failure count exactly.
-        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        if not checked and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             count = dataset.count_nonfinite(dataset.cases.index(case))
             raise InputError(f"logits contain {count} NaN or Inf values", source=case.source, case=case.id)
         if case.stored_classes == 1:
@@ -216,21 +236,62 @@ class _ConvertedUnit:
     last_of_case: bool
 
 
-def _convert(raw: RawUnit, dataset: Dataset, device: torch.device, check_valid: bool) -> _ConvertedUnit:
-    """A stored read unit -> its validated float32 blocks on the device."""
+def _prepare_labels(raw: RawUnit, dataset: Dataset) -> tuple[RawUnit, list]:
+    """Reader stage on the CPU: each block's labels and validity (and the first error in them) made next to
+    the read, which leaves the converter stage, the busier one, only the logits (bench_stream)."""
+    case = dataset.cases[raw.case_index]
+    prepared = []
+    for region in raw.unit.blocks:
+        _, labels_np, mask_np = _slice_unit(raw, region, case)
+        n = region_size(region)
+        try:
+            prepared.append(_labels_and_valid(labels_np, mask_np, n, case, dataset.options, torch.device("cpu"),
+                                              dataset.num_classes))
+        except InputError as err:
+            prepared.append(err)  # raised by the converter, in order, after this unit's logits are checked
+            break
+    return raw, prepared
+
+
+def _convert(item: tuple[RawUnit, list | None], dataset: Dataset, device: torch.device, check_valid: bool,
+             half_to_float=None) -> _ConvertedUnit:
+    """A stored read unit (and its prepared labels, on the CPU) -> its validated float32 blocks on the device."""
+    raw, prepared = item
     case = dataset.cases[raw.case_index]
     options = dataset.options
     blocks = []
     any_valid = False
-    for region in raw.unit.blocks:
+    for k, region in enumerate(raw.unit.blocks):
         logits_np, labels_np, mask_np = _slice_unit(raw, region, case)
-        logits = _to_logits(_as_tensor(logits_np, device), case, options.input_kind, dataset)
-        labels, valid = _labels_and_valid(labels_np, mask_np, logits.shape[1], case, options, device,
-                                          dataset.num_classes)
+        logits = _to_logits(_as_tensor(logits_np, device), case, options.input_kind, dataset, half_to_float)
+        if prepared is not None:
+            if isinstance(prepared[k], InputError):
+                raise prepared[k]
+            labels, valid = prepared[k]
+        else:
+            labels, valid = _labels_and_valid(labels_np, mask_np, logits.shape[1], case, options, device,
+                                              dataset.num_classes)
         if check_valid and not any_valid:
             any_valid = bool(valid.any())
         blocks.append(Block(logits, labels, valid, raw.case_index, case.id, region, region_shape(region)))
     return _ConvertedUnit(blocks, any_valid, raw.last_of_case)
+
+
+# Loading numba and its cached kernels costs ~0.7 s per process: worth it from this many stored values on
+# (the 2 GB benchmark file holds 1e9). The conversion is exact either way, so the choice changes no result.
+HALF_KERNEL_MIN_VALUES = 100_000_000
+
+
+def _half_kernel(dataset: Dataset, device: torch.device):
+    """fastmath.half_to_float for a large float16 dataset read on the CPU, else None (torch converts)."""
+    if device.type != "cpu" or not any(np.dtype(c.dtype) == np.float16 for c in dataset.cases):
+        return None
+    if dataset.total_voxels * dataset.num_classes < HALF_KERNEL_MIN_VALUES:
+        return None
+    from segcal_cli import fastmath
+
+    found = fastmath.kernels()
+    return None if found is None else found["half_to_float"]
 
 
 def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_labels: bool = True,
@@ -245,15 +306,20 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
     device = torch.device(device) if device is not None else dataset.device
     check_valid = dataset.require_labels and with_labels
     source = dataset.iter_raw(cases, with_labels=with_labels)
-    pin = _pin if device.type == "cuda" else None
-    convert = lambda raw: _convert(raw, dataset, device, check_valid)  # noqa: E731
+    # the reader stage: pinning on CUDA (labels are checked on the device), the labels themselves on the CPU
+    if device.type == "cuda":
+        prepare = lambda raw: (_pin(raw), None)  # noqa: E731
+    else:
+        prepare = lambda raw: _prepare_labels(raw, dataset)  # noqa: E731
+    half_to_float = _half_kernel(dataset, device)
+    convert = lambda raw: _convert(raw, dataset, device, check_valid, half_to_float)  # noqa: E731
     stages: list[_Prefetcher] = []
     if prefetch > 0:
-        stages.append(_Prefetcher(source, prefetch, pin))
+        stages.append(_Prefetcher(source, prefetch, prepare))
         stages.append(_Prefetcher(iter(stages[0]), prefetch, convert, single_threaded_torch=device.type == "cpu"))
         units = iter(stages[1])
     else:
-        units = (convert(pin(raw) if pin else raw) for raw in source)
+        units = (convert(prepare(raw)) for raw in source)
     case_has_valid = False
     try:
         for unit in units:

@@ -137,12 +137,34 @@ def softmax_tiles(z, out, out_stride, out_offset, C, n, scale, half):
                     out[o + j] = e[q + j] * total[j]
 
 
+_TWO_M24 = _f32(2.0 ** -24)
+
+
+@_jit(nogil=True)
+def half_to_float(src, dst):
+    """dst = float32 of the float16 values whose bits are `src` (uint16), both flat and of one length; returns
+    how many are NaN or Inf. Exact (every float16 is a float32); no denormal arithmetic (a float16 subnormal
+    is its 10-bit integer times 2^-24, a normal float32), so flush-to-zero modes cannot change it."""
+    bad = 0
+    for i in range(_u64(src.shape[0])):
+        h = _i32(src[i])
+        magnitude = h & _i32(0x7FFF)
+        exponent = h & _i32(0x7C00)
+        normal = np.int32((magnitude << _i32(13)) + _i32(112 << 23)).view(np.float32)
+        special = np.int32((magnitude << _i32(13)) | _i32(0x7F800000)).view(np.float32)
+        small = _f32(h & _i32(0x3FF)) * _TWO_M24
+        value = small if exponent == 0 else (special if exponent == _i32(0x7C00) else normal)
+        dst[i] = np.int32(np.float32(value).view(np.int32) | ((h & _i32(0x8000)) << _i32(16))).view(np.float32)
+        bad += exponent == _i32(0x7C00)
+    return bad
+
+
 def kernels() -> Optional[dict]:
     """The compiled kernels, or None when SEGCAL_NUMBA=0 or numba cannot be used here (`error()` says why)."""
     if njit is None or os.environ.get(ENV_VAR, "").strip().lower() in ("0", "false", "no", "off"):
         return None
     return {"exp_nonpositive": exp_nonpositive, "half_bits_of_unit": half_bits_of_unit,
-            "softmax_tiles": softmax_tiles}
+            "softmax_tiles": softmax_tiles, "half_to_float": half_to_float}
 
 
 def error() -> Optional[str]:

@@ -8,7 +8,9 @@ import os
 import h5py
 import numpy as np
 import pytest
+import torch
 
+from segcal_cli.errors import InputError
 from segcal_cli.io import DataOptions, open_dataset
 from segcal_cli.io.blocks import plan
 from segcal_cli.io.containers import Container
@@ -195,3 +197,35 @@ def test_writer_needs_early_allocation_and_falls_back_off_grid(tmp_path):
     expected[:, 3:9, 5:7] = 7.0
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["early"][...], expected)
+
+
+def test_float16_conversion_kernel_equals_torch_and_counts_bad_values(tmp_path, monkeypatch):
+    """Large float16 data is converted by fastmath.half_to_float (conversion and finiteness check in one
+    pass): the same float32 blocks as torch's conversion, and the same error for NaN / Inf."""
+    from segcal_cli import engine, fastmath
+
+    if fastmath.kernels() is None:
+        pytest.skip(f"numba kernels unavailable: {fastmath.error()}")
+    logits = RNG.normal(size=(2, 5, 40, 60)).astype(np.float16) * 20
+    logits[0, 1, 0, :3] = [np.float16(6e-8), np.float16(-0.0), np.float16(65504)]  # subnormal, -0, max
+    labels = RNG.integers(0, 5, size=(2, 40, 60)).astype(np.uint8)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("logits", data=logits, chunks=(1, 5, 16, 16))
+        f.create_dataset("labels", data=labels, chunks=(1, 16, 16))
+    streams = {}
+    for threshold in (10**18, 0):  # torch, then the kernel
+        monkeypatch.setattr(engine, "HALF_KERNEL_MIN_VALUES", threshold)
+        ds = open_dataset([str(tmp_path / "x.h5")], DataOptions(device="cpu"))
+        assert (engine._half_kernel(ds, torch.device("cpu")) is not None) == (threshold == 0)
+        streams[threshold] = [b.logits.clone() for b in ds.stream()]
+    for a, b in zip(streams[10**18], streams[0]):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # bit for bit, -0.0 included
+    logits[1, 2, 5, 5] = np.nan
+    logits[1, 3, 7, 9] = -np.inf
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f.create_dataset("logits", data=logits, chunks=(1, 5, 16, 16))
+        f.create_dataset("labels", data=labels, chunks=(1, 16, 16))
+    ds = open_dataset([str(tmp_path / "bad.h5")], DataOptions(device="cpu"))
+    with pytest.raises(InputError, match="2 NaN or Inf"):
+        for _ in ds.stream():
+            pass
