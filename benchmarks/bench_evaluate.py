@@ -8,7 +8,9 @@
 The work: pooled 15-bin top-label ECE + NLL + Brier + per-class Dice, uncalibrated, ignore label 255.
 * segcal: the `evaluate` pipeline (open_dataset -> stream -> Evaluation), reading the file, with
   `--metrics ece,nll,brier,dice` (it still keeps the reliability bins, the confusion matrix and per-case
-  values). `--compile` / `--no-compile` as in the CLI (default here: eager). Threads: torch's default, or
+  values). At this size the per-voxel work runs in the fused numba kernel (metrics/fused.py; SEGCAL_FUSED=0
+  for the eager torch path, `--compile` for torch.compile). Timed warm, like the plain read: the first run in
+  the process (numba import, kernel load, heap growth) is reported apart. Threads: torch's default, or
   OMP_NUM_THREADS.
 * plain read: h5py chunk by chunk (read_direct into one buffer, a chunk cache sized for a chunk), logits and
   labels; the floor for any streaming tool.
@@ -57,7 +59,7 @@ def segcal_evaluate(path: Path, cases: int, chunk_voxels: int | None, metrics=ME
         ev = Evaluation(ds.num_classes, [c.id for c in ds.cases], [c.num_voxels for c in ds.cases],
                         metrics=metrics, compile=compile_stats)
         with torch.inference_mode():
-            for block in ds.stream(chosen):
+            for block in ds.stream(chosen, keep_float16=ev.fused):  # as `segcal evaluate` does
                 ev.add_block(block.case_index, block.logits, block.labels, block.valid)
         result = ev.finish()
     return time.perf_counter() - start, result.uncalibrated["pooled"]
@@ -195,8 +197,14 @@ def main() -> None:
     print(f"segcal peak RSS {peak:.0f} MB (idle process {idle:.0f} MB)")
     plain_read(args.data, args.cases)  # warm the page cache
     report["plain_read_s"] = plain_read(args.data, args.cases)
-    report["segcal_s"], segcal_all = segcal_evaluate(args.data, args.cases, args.chunk_voxels,
-                                                     compile_stats=args.compile)
+    # Like the plain read (timed after an untimed one), segcal is timed warm: its first run in a process also
+    # pays one-time costs (importing numba and loading its cached kernels, growing the heap to its working
+    # set: ~1.3 s here), reported separately as segcal_first_run_s.
+    report["segcal_first_run_s"], _ = segcal_evaluate(args.data, args.cases, args.chunk_voxels,
+                                                      compile_stats=args.compile)
+    runs = [segcal_evaluate(args.data, args.cases, args.chunk_voxels, compile_stats=args.compile)
+            for _ in range(2)]
+    report["segcal_s"], segcal_all = min(runs, key=lambda r: r[0])
     import h5py
 
     with h5py.File(args.data, "r") as f:
@@ -209,7 +217,8 @@ def main() -> None:
     report["segcal_vs_plain_read"] = report["segcal_s"] / report["plain_read_s"]
     print(f"{cases_used} cases ({voxels / 1e6:.0f} M voxels x {shape[1]} classes): plain read "
           f"{report['plain_read_s']:.2f} s, segcal evaluate {report['segcal_s']:.2f} s "
-          f"({report['segcal_mvox_s']:.1f} Mvox/s, {report['segcal_vs_plain_read']:.2f}x the read)")
+          f"({report['segcal_mvox_s']:.1f} Mvox/s, {report['segcal_vs_plain_read']:.2f}x the read; "
+          f"first run in the process {report['segcal_first_run_s']:.2f} s)")
     if not args.skip_peers:
         k = args.peer_cases
         seg_s, seg = segcal_evaluate(args.data, k, args.chunk_voxels, compile_stats=args.compile)

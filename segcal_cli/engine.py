@@ -147,18 +147,30 @@ def _half_to_float_checked(stored: torch.Tensor, half_to_float, case: CaseInfo, 
         src = np.ascontiguousarray(src)
     out = torch.empty(stored.shape, dtype=torch.float32)
     if half_to_float(src.reshape(-1).view(np.uint16), out.numpy().reshape(-1)):
-        count = dataset.count_nonfinite(dataset.cases.index(case))
-        raise InputError(f"logits contain {count} NaN or Inf values", source=case.source, case=case.id)
+        _raise_nonfinite(case, dataset)
     return out
 
 
+def _raise_nonfinite(case: CaseInfo, dataset: Dataset) -> None:
+    count = dataset.count_nonfinite(dataset.cases.index(case))
+    raise InputError(f"logits contain {count} NaN or Inf values", source=case.source, case=case.id)
+
+
 def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: Dataset,
-               half_to_float=None) -> torch.Tensor:
-    """(C_stored, *shape) in the stored dtype -> (C, n) float32 canonical logits."""
+               kernels: dict | None = None, keep_float16: bool = False) -> torch.Tensor:
+    """(C_stored, *shape) in the stored dtype -> (C, n) float32 canonical logits; float16 as stored with
+    `keep_float16` (multi-class logits or log-probabilities on the CPU, when the numba kernels are there)."""
     checked = False
-    if half_to_float is not None and stored.dtype == torch.float16 and stored.device.type == "cpu" \
+    if kernels is not None and stored.dtype == torch.float16 and stored.device.type == "cpu" \
             and input_kind != "probs":
-        x, checked = _half_to_float_checked(stored, half_to_float, case, dataset), True
+        if keep_float16 and case.stored_classes > 1:
+            src = stored.numpy()
+            src = src if src.flags.c_contiguous else np.ascontiguousarray(src)
+            if kernels["count_nonfinite_half"](src.reshape(-1).view(np.uint16)):
+                _raise_nonfinite(case, dataset)
+            x = stored.movedim(case.class_axis, 0) if case.class_axis != 0 else stored
+            return x.reshape(x.shape[0], -1)
+        x, checked = _half_to_float_checked(stored, kernels["half_to_float"], case, dataset), True
     else:
         x = stored if stored.dtype == torch.float32 else stored.to(torch.float32)  # one copy, on the device
     if case.class_axis != 0:
@@ -178,8 +190,7 @@ def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: D
         # non-finite, and a finite sum proves every element finite (a float32 sum that overflows only sends us
         # to the exact test). Only on failure count exactly.
         if not checked and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-            count = dataset.count_nonfinite(dataset.cases.index(case))
-            raise InputError(f"logits contain {count} NaN or Inf values", source=case.source, case=case.id)
+            _raise_nonfinite(case, dataset)
         if case.stored_classes == 1:
             if input_kind == "logprobs":  # log p1 -> (log(1 - p1), log p1)
                 other = torch.log1p(-torch.exp(x.clamp_max(0.0))).clamp_min(-1e30)
@@ -254,7 +265,7 @@ def _prepare_labels(raw: RawUnit, dataset: Dataset) -> tuple[RawUnit, list]:
 
 
 def _convert(item: tuple[RawUnit, list | None], dataset: Dataset, device: torch.device, check_valid: bool,
-             half_to_float=None) -> _ConvertedUnit:
+             kernels: dict | None = None, keep_float16: bool = False) -> _ConvertedUnit:
     """A stored read unit (and its prepared labels, on the CPU) -> its validated float32 blocks on the device."""
     raw, prepared = item
     case = dataset.cases[raw.case_index]
@@ -263,7 +274,7 @@ def _convert(item: tuple[RawUnit, list | None], dataset: Dataset, device: torch.
     any_valid = False
     for k, region in enumerate(raw.unit.blocks):
         logits_np, labels_np, mask_np = _slice_unit(raw, region, case)
-        logits = _to_logits(_as_tensor(logits_np, device), case, options.input_kind, dataset, half_to_float)
+        logits = _to_logits(_as_tensor(logits_np, device), case, options.input_kind, dataset, kernels, keep_float16)
         if prepared is not None:
             if isinstance(prepared[k], InputError):
                 raise prepared[k]
@@ -282,21 +293,26 @@ def _convert(item: tuple[RawUnit, list | None], dataset: Dataset, device: torch.
 HALF_KERNEL_MIN_VALUES = 100_000_000
 
 
-def _half_kernel(dataset: Dataset, device: torch.device):
-    """fastmath.half_to_float for a large float16 dataset read on the CPU, else None (torch converts)."""
+def _half_kernels(dataset: Dataset, device: torch.device, keep_float16: bool) -> dict | None:
+    """fastmath's kernels for float16 data read on the CPU when they repay loading numba (large data, or a
+    consumer that reads float16 itself), else None (torch converts)."""
     if device.type != "cpu" or not any(np.dtype(c.dtype) == np.float16 for c in dataset.cases):
         return None
-    if dataset.total_voxels * dataset.num_classes < HALF_KERNEL_MIN_VALUES:
+    if not keep_float16 and dataset.total_voxels * dataset.num_classes < HALF_KERNEL_MIN_VALUES:
         return None
     from segcal_cli import fastmath
 
-    found = fastmath.kernels()
-    return None if found is None else found["half_to_float"]
+    return fastmath.kernels()
 
 
 def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_labels: bool = True,
-                  prefetch: int = 2, device=None) -> Iterator[Block]:
+                  prefetch: int = 2, device=None, keep_float16: bool = False) -> Iterator[Block]:
     """Blocks of the chosen cases in a deterministic order.
+
+    `keep_float16`: a consumer that reads float16 itself (the fused numba kernels) gets float16 logits as
+    stored (checked finite, classes first) instead of a float32 copy, when the data is float16 logits of
+    several classes on the CPU and numba is there; everything else is float32 as usual. Saves the
+    conversion pass and half the memory traffic of the blocks.
 
     With `prefetch > 0` this is a three-stage pipeline: a reader thread (storage -> numpy, pinned on CUDA),
     a converter thread (-> validated float32 blocks on the device) and the consumer, each `prefetch` items
@@ -311,8 +327,13 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
         prepare = lambda raw: (_pin(raw), None)  # noqa: E731
     else:
         prepare = lambda raw: _prepare_labels(raw, dataset)  # noqa: E731
-    half_to_float = _half_kernel(dataset, device)
-    convert = lambda raw: _convert(raw, dataset, device, check_valid, half_to_float)  # noqa: E731
+    kernels = _half_kernels(dataset, device, keep_float16)
+    if keep_float16 and kernels is not None:
+        from segcal_cli.fastmath import finite_half_conversion_is_exact
+
+        # consumers convert kept float16 with the two-operation form, exact unless subnormals are flushed
+        keep_float16 = finite_half_conversion_is_exact()
+    convert = lambda raw: _convert(raw, dataset, device, check_valid, kernels, keep_float16)  # noqa: E731
     stages: list[_Prefetcher] = []
     if prefetch > 0:
         stages.append(_Prefetcher(source, prefetch, prepare))

@@ -96,9 +96,112 @@ def half_bits_of_unit(p):
     sub = np.float32(p * _TWO_24 + _TWO_23).view(np.int32) - _i32(0x4B000000)
     return np.uint16(normal if bits >= _F16_MIN_NORMAL_BITS else sub)
 
+_TWO_M24 = _f32(2.0 ** -24)
+
+
+@_jit(inline="always")
+def half_bits_to_float(h):
+    """float32 value of the float16 whose bits are h (an integer). Exact (every float16 is a float32), with
+    no denormal arithmetic (a float16 subnormal is its 10-bit integer times 2^-24, a normal float32), so
+    flush-to-zero modes cannot change it."""
+    h = _i32(h)
+    magnitude = h & _i32(0x7FFF)
+    exponent = h & _i32(0x7C00)
+    normal = np.int32((magnitude << _i32(13)) + _i32(112 << 23)).view(np.float32)
+    special = np.int32((magnitude << _i32(13)) | _i32(0x7F800000)).view(np.float32)  # Inf, NaN
+    small = _f32(h & _i32(0x3FF)) * _TWO_M24
+    value = small if exponent == 0 else (special if exponent == _i32(0x7C00) else normal)
+    return np.int32(np.float32(value).view(np.int32) | ((h & _i32(0x8000)) << _i32(16))).view(np.float32)
+
+
+_TWO_112 = _f32(2.0 ** 112)
+
+
+@_jit(inline="always")
+def finite_half_bits_to_float(h):
+    """float32 value of the bits h of a *finite* float16, in two operations: the bits moved into a float32's
+    place scale it by 2^-112, undone by one exact multiplication (float16 subnormals pass through float32
+    subnormals, exact unless the CPU flushes them: `finite_half_conversion_is_exact` checks that)."""
+    h = _i32(h)
+    scaled = np.int32((h & _i32(0x7FFF)) << _i32(13)).view(np.float32) * _TWO_112
+    return np.int32(np.float32(scaled).view(np.int32) | ((h & _i32(0x8000)) << _i32(16))).view(np.float32)
+
+
+@_jit()
+def _finite_half_values(bits, out):
+    for i in range(bits.shape[0]):
+        out[i] = finite_half_bits_to_float(bits[i])
+
+
+_exact_checked: Optional[bool] = None
+
+
+def finite_half_conversion_is_exact() -> bool:
+    """(Cached) whether finite_half_bits_to_float gives every finite float16 exactly on this thread (a CPU flushing
+    subnormals to zero would break it for the smallest values); the kernels use the exact slow form if not."""
+    global _exact_checked
+    if _exact_checked is not None:
+        return _exact_checked
+    if njit is None:
+        return False
+    bits = np.arange(65536, dtype=np.uint16)
+    bits = bits[(bits & 0x7C00) != 0x7C00]
+    out = np.empty(bits.shape, np.float32)
+    _finite_half_values(bits, out)
+    _exact_checked = bool(np.array_equal(out.view(np.uint32), bits.view(np.float16).astype(np.float32).view(np.uint32)))
+    return _exact_checked
+
+
+def as_float32(x):
+    """A stored logit as float32: itself for float32, the value of its bits for float16 stored as uint16.
+    Kernels written with it read either dtype (numba compiles one version per dtype)."""
+    return np.float32(x)
+
+
+if njit is not None:
+    from numba.core import types
+    from numba.extending import overload
+
+    @overload(as_float32, inline="always")
+    def _as_float32_overload(x):
+        if isinstance(x, types.Integer):
+            def from_half_bits(x):
+                return half_bits_to_float(x)
+
+            return from_half_bits
+        if isinstance(x, types.Float):
+            def from_float(x):
+                return np.float32(x)
+
+            return from_float
+        return None
+
+
+@_jit(nogil=True)
+def half_to_float(src, dst):
+    """dst = float32 values of the float16 bits `src` (uint16), both flat and of one length; returns how many
+    are NaN or Inf."""
+    bad = 0
+    for i in range(_u64(src.shape[0])):
+        h = src[i]
+        dst[i] = half_bits_to_float(h)
+        bad += (_i32(h) & _i32(0x7C00)) == _i32(0x7C00)
+    return bad
+
+
+@_jit(nogil=True)
+def count_nonfinite_half(src):
+    """How many of the float16 bits `src` (uint16, flat) are NaN or Inf."""
+    bad = 0
+    for i in range(_u64(src.shape[0])):
+        bad += (_i32(src[i]) & _i32(0x7C00)) == _i32(0x7C00)
+    return bad
+
+
 @_jit(nogil=True)
 def softmax_tiles(z, out, out_stride, out_offset, C, n, scale, half):
-    """Softmax over classes of z, a flat C-contiguous (C, n) float32 array, of s * z (s = `scale` > 0).
+    """Softmax over classes of z, a flat C-contiguous (C, n) float32 array (or the uint16 bits of a float16
+    one), of s * z (s = `scale` > 0).
     Row k of the result goes to out[k * out_stride + out_offset + j]; `out` is float32, or (half=True)
     the uint16 view of a float16 array."""
     e = np.empty(C * TILE, np.float32)  # exp(s (z - max)) of the tile, until the sum is known
@@ -110,18 +213,18 @@ def softmax_tiles(z, out, out_stride, out_offset, C, n, scale, half):
         w = _u64(min(TILE, n - t0))
         t = _u64(t0)
         for j in range(w):
-            top[j] = z[t + j]
+            top[j] = as_float32(z[t + j])
             total[j] = 0.0
         for k in range(1, C):
             b = _u64(k) * nn + t
             for j in range(w):
-                v = z[b + j]
+                v = as_float32(z[b + j])
                 top[j] = v if v > top[j] else top[j]
         for k in range(C):  # in class order: the sum does not depend on the tiling
             b = _u64(k) * nn + t
             q = _u64(k) * T
             for j in range(w):
-                x = exp_nonpositive((z[b + j] - top[j]) * scale)
+                x = exp_nonpositive((as_float32(z[b + j]) - top[j]) * scale)
                 e[q + j] = x
                 total[j] += x
         for j in range(w):
@@ -137,34 +240,13 @@ def softmax_tiles(z, out, out_stride, out_offset, C, n, scale, half):
                     out[o + j] = e[q + j] * total[j]
 
 
-_TWO_M24 = _f32(2.0 ** -24)
-
-
-@_jit(nogil=True)
-def half_to_float(src, dst):
-    """dst = float32 of the float16 values whose bits are `src` (uint16), both flat and of one length; returns
-    how many are NaN or Inf. Exact (every float16 is a float32); no denormal arithmetic (a float16 subnormal
-    is its 10-bit integer times 2^-24, a normal float32), so flush-to-zero modes cannot change it."""
-    bad = 0
-    for i in range(_u64(src.shape[0])):
-        h = _i32(src[i])
-        magnitude = h & _i32(0x7FFF)
-        exponent = h & _i32(0x7C00)
-        normal = np.int32((magnitude << _i32(13)) + _i32(112 << 23)).view(np.float32)
-        special = np.int32((magnitude << _i32(13)) | _i32(0x7F800000)).view(np.float32)
-        small = _f32(h & _i32(0x3FF)) * _TWO_M24
-        value = small if exponent == 0 else (special if exponent == _i32(0x7C00) else normal)
-        dst[i] = np.int32(np.float32(value).view(np.int32) | ((h & _i32(0x8000)) << _i32(16))).view(np.float32)
-        bad += exponent == _i32(0x7C00)
-    return bad
-
-
 def kernels() -> Optional[dict]:
     """The compiled kernels, or None when SEGCAL_NUMBA=0 or numba cannot be used here (`error()` says why)."""
     if njit is None or os.environ.get(ENV_VAR, "").strip().lower() in ("0", "false", "no", "off"):
         return None
     return {"exp_nonpositive": exp_nonpositive, "half_bits_of_unit": half_bits_of_unit,
-            "softmax_tiles": softmax_tiles, "half_to_float": half_to_float}
+            "softmax_tiles": softmax_tiles, "half_to_float": half_to_float,
+            "count_nonfinite_half": count_nonfinite_half}
 
 
 def error() -> Optional[str]:
@@ -172,12 +254,13 @@ def error() -> Optional[str]:
 
 
 def softmax_into(z, out, scale: float = 1.0) -> bool:
-    """out = softmax over dim 0 of scale * z, for z a (C, m) float32 CPU tensor and out a (C, m) float32 or
+    """out = softmax over dim 0 of scale * z, for z a (C, m) float32 or float16 CPU tensor and out a (C, m) float32 or
     float16 CPU tensor whose rows may be strided (a column slice of a bigger array). False (nothing written)
     when the kernel cannot run here: the caller then uses torch."""
     import torch
 
-    if (z.device.type != "cpu" or out.device.type != "cpu" or z.dtype != torch.float32 or z.dim() != 2
+    if (z.device.type != "cpu" or out.device.type != "cpu" or z.dtype not in (torch.float32, torch.float16)
+            or z.dim() != 2
             or out.dtype not in (torch.float32, torch.float16) or out.shape != z.shape or out.stride(1) != 1
             or not scale > 0):
         return False
@@ -192,5 +275,8 @@ def softmax_into(z, out, scale: float = 1.0) -> bool:
     half = out.dtype == torch.float16
     target = flat.view(torch.int16).numpy().view(np.uint16) if half else flat.numpy()
     stride = out.stride(0) if C > 1 else m
-    found["softmax_tiles"](z.reshape(-1).numpy(), target, stride, offset, C, m, np.float32(scale), half)
+    source = z.reshape(-1).numpy()
+    if z.dtype == torch.float16:
+        source = source.view(np.uint16)  # numba has no float16: the kernel reads the bits (as_float32)
+    found["softmax_tiles"](source, target, stride, offset, C, m, np.float32(scale), half)
     return True

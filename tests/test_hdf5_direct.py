@@ -216,7 +216,7 @@ def test_float16_conversion_kernel_equals_torch_and_counts_bad_values(tmp_path, 
     for threshold in (10**18, 0):  # torch, then the kernel
         monkeypatch.setattr(engine, "HALF_KERNEL_MIN_VALUES", threshold)
         ds = open_dataset([str(tmp_path / "x.h5")], DataOptions(device="cpu"))
-        assert (engine._half_kernel(ds, torch.device("cpu")) is not None) == (threshold == 0)
+        assert (engine._half_kernels(ds, torch.device("cpu"), False) is not None) == (threshold == 0)
         streams[threshold] = [b.logits.clone() for b in ds.stream()]
     for a, b in zip(streams[10**18], streams[0]):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # bit for bit, -0.0 included
@@ -229,3 +229,47 @@ def test_float16_conversion_kernel_equals_torch_and_counts_bad_values(tmp_path, 
     with pytest.raises(InputError, match="2 NaN or Inf"):
         for _ in ds.stream():
             pass
+
+
+@pytest.mark.parametrize("class_axis", [0, 2])
+def test_keep_float16_delivers_the_stored_values_checked(tmp_path, class_axis):
+    """stream(keep_float16=True): float16 (C, n) blocks holding exactly the values of the float32 stream,
+    classes first whatever the stored layout; NaN / Inf still stop the stream with their count."""
+    from segcal_cli import fastmath
+
+    if fastmath.kernels() is None:
+        pytest.skip(f"numba kernels unavailable: {fastmath.error()}")
+    logits = (RNG.normal(size=(2, 6, 30, 40)) * 8).astype(np.float16)
+    logits[0, 0, 0, :2] = [np.float16(6e-8), np.float16(-0.0)]
+    if class_axis == 2:
+        logits = np.ascontiguousarray(np.moveaxis(logits, 1, 3))  # (N, H, W, C)
+    labels = RNG.integers(0, 6, size=(2, 30, 40)).astype(np.uint8)
+    chunks = (1, 6, 16, 16) if class_axis == 0 else (1, 16, 16, 6)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("logits", data=logits, chunks=chunks)
+        f.create_dataset("labels", data=labels, chunks=(1, 16, 16))
+    opts = DataOptions(device="cpu", class_axis=None if class_axis == 0 else class_axis)
+    ds = open_dataset([str(tmp_path / "x.h5")], opts)
+    kept = list(ds.stream(keep_float16=True))
+    plain = list(ds.stream())
+    assert all(b.logits.dtype == torch.float16 and b.logits.shape[0] == 6 for b in kept)
+    for a, b in zip(kept, plain):
+        assert a.region == b.region
+        assert torch.equal(a.logits.float().view(torch.int32), b.logits.view(torch.int32))
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.valid, b.valid)
+    bad = logits.copy()
+    bad.flat[17] = np.inf
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f.create_dataset("logits", data=bad, chunks=chunks)
+        f.create_dataset("labels", data=labels, chunks=(1, 16, 16))
+    with pytest.raises(InputError, match="1 NaN or Inf"):
+        for _ in open_dataset([str(tmp_path / "bad.h5")], opts).stream(keep_float16=True):
+            pass
+
+
+def test_the_two_operation_float16_conversion_is_exact_here():
+    from segcal_cli import fastmath
+
+    if fastmath.kernels() is None:
+        pytest.skip(f"numba kernels unavailable: {fastmath.error()}")
+    assert fastmath.finite_half_conversion_is_exact()

@@ -360,3 +360,29 @@ def test_evaluate_command_gives_the_eager_numbers_through_the_kernel(data, tmp_p
             assert [r["count"] for r in got["reliability"][side]] == [r["count"] for r in eager["reliability"][side]]
         for key in ("flips", "harmful_flips", "beneficial_flips", "neutral_flips", "order_changes"):
             assert got["preservation"][key] == eager["preservation"][key], key
+
+
+def test_float16_blocks_give_exactly_the_float32_results(monkeypatch):
+    """A stream with keep_float16 hands the kernel float16 logits as stored: it reads their bits and converts
+    them a tile at a time, so the sums equal those of the same values given as float32, bit for bit; the
+    calibrator and eager paths get float32 too."""
+    monkeypatch.setenv("SEGCAL_FUSED", "1")
+    z, y, valid = _logits(11, 19, 6001)
+    z16 = z.astype(np.float16)
+    z32 = z16.astype(np.float32)
+    half = _fused_state(z16, y, valid, 15, "right", cuts=[1000, 1025, 4000])
+    single = _fused_state(z32, y, valid, 15, "right", cuts=[1000, 1025, 4000])
+    for name in ("bin_count", "confusion", "fine_count", "voxels", "bin_conf", "fine_conf", "nll_sum", "brier_sum"):
+        assert torch.equal(getattr(half, name), getattr(single, name)), name
+
+    def calibrate(logits):
+        assert logits.dtype == torch.float32
+        return logits * 0.7
+
+    _, got = _evaluate(z32, y, valid, FUSED_METRICS + ("classwise_ece",), calibrate=calibrate, dtype=torch.float16)
+    _, expected = _evaluate(z32, y, valid, FUSED_METRICS + ("classwise_ece",), calibrate=calibrate)
+    assert got.uncalibrated == expected.uncalibrated and got.calibrated == expected.calibrated
+    monkeypatch.setenv("SEGCAL_FUSED", "0")  # the eager path scores float16 blocks in float32 too
+    _, eager16 = _evaluate(z32, y, valid, FUSED_METRICS, dtype=torch.float16)
+    _, eager32 = _evaluate(z32, y, valid, FUSED_METRICS)
+    assert eager16.uncalibrated == eager32.uncalibrated

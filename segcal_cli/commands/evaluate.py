@@ -115,7 +115,8 @@ def evaluate_command(
         distance_case, distance_map = None, None
         started = time.perf_counter()
         with torch.inference_mode(), progress(console, ds.total_voxels, quiet) as advance:
-            for block in ds.stream():
+            # the fused kernel reads float16 logits as stored: no float32 copy of every block
+            for block in ds.stream(keep_float16=evaluation.fused):
                 distances = None
                 if boundary:
                     if block.case_index != distance_case:

@@ -115,11 +115,12 @@ class Dataset:
         return total
 
     def stream(self, cases: Sequence[int] | None = None, *, with_labels: bool = True, prefetch: int = 2,
-               device=None):
+               device=None, keep_float16: bool = False):
         """Validated float32 blocks on the device; see segcal_cli.engine.stream_blocks."""
         from segcal_cli.engine import stream_blocks
 
-        return stream_blocks(self, cases, with_labels=with_labels, prefetch=prefetch, device=device)
+        return stream_blocks(self, cases, with_labels=with_labels, prefetch=prefetch, device=device,
+                             keep_float16=keep_float16)
 
     # -- lifetime (containers are opened per stream, so there is little to close) ------------------------
     def close(self) -> None:

@@ -104,7 +104,8 @@ class Evaluation:
 
     @property
     def fused(self) -> bool:
-        """Whether float32 CPU blocks go through the fused numba kernel."""
+        """Whether CPU blocks go through the fused numba kernel (which also reads float16 logits as stored:
+        a stream may keep them, `Dataset.stream(keep_float16=...)`)."""
         return self._fused is not None
 
     @property
@@ -145,7 +146,9 @@ class Evaluation:
         self.voxels_read += n
         if self._fused is not None and self._fused_accepts(logits):
             self._add_block_fused(states, logits, labels, valid, distances)
-        else:
+        else:  # float16 as stored (a stream with keep_float16) is scored in float32, like the kernel does
+            if logits.dtype == torch.float16:
+                logits = logits.float()
             self._add_block_eager(states, logits, labels, valid, distances)
         states.seen += n
         if states.seen >= self.case_voxels[case_index]:
@@ -189,6 +192,8 @@ class Evaluation:
         extras = states.uncalibrated.extras_needs()
         for part in sub_blocks(n, size):
             z = logits[:, part]
+            if z.dtype == torch.float16:  # the kernel read the stored float16; everything else gets float32
+                z = z.float()
             y = labels[part]
             keep = None if all_valid else valid[part].nonzero().squeeze(1)
             y_kept = y if keep is None else y.index_select(0, keep)

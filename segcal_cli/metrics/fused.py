@@ -178,13 +178,14 @@ def _bin_exact(c, table, B, rule):
     return idx
 
 
-def _accumulate(z, labels, valid, use_valid, start, stop, table, bins, rule, near_tol, want_nll, want_brier, want_fine,
-                want_pred, pred_out, bin_count, bin_conf, confusion, fine_count, fine_conf, fine_min, fine_max):
-    """Voxels [start, stop) of z (C, N) float32: accumulate into the histograms (in place) and return
-    (valid voxels, nll sum, brier sum, first voxel whose label is outside [0, C) or -1)."""
-    C = z.shape[0]
-    N = z.shape[1]
-    flat = z.reshape(-1)
+def _accumulate(stored, labels, valid, use_valid, start, stop, table, bins, rule, near_tol, want_nll, want_brier,
+                want_fine, want_pred, pred_out, bin_count, bin_conf, confusion, fine_count, fine_conf, fine_min,
+                fine_max):
+    """Voxels [start, stop) of `stored` (C, N) float32, or the uint16 bits of float16 logits: accumulate into
+    the histograms (in place) and return (valid voxels, nll sum, brier sum, first voxel whose label is outside
+    [0, C) or -1)."""
+    C = stored.shape[0]
+    scratch = np.empty((C, TILE), np.float32)  # a float16 tile, converted (see _tile_source)
     B = bins
     nb = bin_conf.shape[0]
     Bf = _f32(bins)
@@ -226,12 +227,13 @@ def _accumulate(z, labels, valid, use_valid, start, stop, table, bins, rule, nea
     bad_label = -1
     for t0 in range(start, stop, TILE):
         w = min(TILE, stop - t0)
+        z, o = _tile_source(stored, t0, w, scratch)  # float32 logits of the tile: z[:, o:o + w]
         # Top logit and prediction (strict >: the lowest class wins ties). Classes go 4 at a time (and a pair
         # first or last): top and arg are loaded and stored once per group, and a one-class update in place
         # would be vectorized with masked stores (slow on this CPU).
-        z0 = z[0, t0:t0 + w]
+        z0 = z[0, o:o + w]
         if (C - 1) % 2 == 1:
-            z1 = z[1, t0:t0 + w]
+            z1 = z[1, o:o + w]
             for j in range(w):
                 t = z0[j]
                 v = z1[j]
@@ -245,10 +247,10 @@ def _accumulate(z, labels, valid, use_valid, start, stop, table, bins, rule, nea
                 arg[j] = _i32(0)
             k = 1
         while k + 4 <= C:
-            r0 = z[k, t0:t0 + w]
-            r1 = z[k + 1, t0:t0 + w]
-            r2 = z[k + 2, t0:t0 + w]
-            r3 = z[k + 3, t0:t0 + w]
+            r0 = z[k, o:o + w]
+            r1 = z[k + 1, o:o + w]
+            r2 = z[k + 2, o:o + w]
+            r3 = z[k + 3, o:o + w]
             k0 = _i32(k)
             for j in range(w):
                 t = top[j]
@@ -273,8 +275,8 @@ def _accumulate(z, labels, valid, use_valid, start, stop, table, bins, rule, nea
                 arg[j] = a
             k += 4
         if k < C:  # the last two classes
-            r0 = z[k, t0:t0 + w]
-            r1 = z[k + 1, t0:t0 + w]
+            r0 = z[k, o:o + w]
+            r1 = z[k + 1, o:o + w]
             k0 = _i32(k)
             for j in range(w):
                 t = top[j]
@@ -296,10 +298,10 @@ def _accumulate(z, labels, valid, use_valid, start, stop, table, bins, rule, nea
             square[j] = _ZERO
         k = 0
         while k + 4 <= C:
-            r0 = z[k, t0:t0 + w]
-            r1 = z[k + 1, t0:t0 + w]
-            r2 = z[k + 2, t0:t0 + w]
-            r3 = z[k + 3, t0:t0 + w]
+            r0 = z[k, o:o + w]
+            r1 = z[k + 1, o:o + w]
+            r2 = z[k + 2, o:o + w]
+            r3 = z[k + 3, o:o + w]
             for j in range(w):
                 t = top[j]
                 s = total[j]
@@ -320,8 +322,8 @@ def _accumulate(z, labels, valid, use_valid, start, stop, table, bins, rule, nea
                 square[j] = q
             k += 4
         if k + 2 <= C:
-            r0 = z[k, t0:t0 + w]
-            r1 = z[k + 1, t0:t0 + w]
+            r0 = z[k, o:o + w]
+            r1 = z[k + 1, o:o + w]
             for j in range(w):
                 t = top[j]
                 s = total[j]
@@ -336,7 +338,7 @@ def _accumulate(z, labels, valid, use_valid, start, stop, table, bins, rule, nea
                 square[j] = q
             k += 2
         if k < C:
-            r0 = z[k, t0:t0 + w]
+            r0 = z[k, o:o + w]
             for j in range(w):
                 e = _exp_nonpositive(r0[j] - top[j])
                 total[j] += e
@@ -363,7 +365,7 @@ def _accumulate(z, labels, valid, use_valid, start, stop, table, bins, rule, nea
                         bad_label = t0 + j
                     label[j] = _i32(0)
         for j in range(w):
-            z_label[j] = flat[_u64(label[j]) * _u64(N) + _u64(t0 + j)]
+            z_label[j] = z[_u64(label[j]), _u64(o + j)]
         # confidence, reliability bin and histogram keys. floor(c B) is the bin unless c B lies within near_tol
         # of an integer (c near an edge, or c = 0): those voxels are binned exactly below.
         any_near = False
@@ -448,6 +450,13 @@ def _accumulate(z, labels, valid, use_valid, start, stop, table, bins, rule, nea
     return voxels, nll_lanes.sum(), brier_lanes.sum(), bad_label
 
 
+def _tile_source(stored, t0, w, scratch):
+    """(array, offset) holding the float32 logits of voxels t0 .. t0 + w of `stored` in columns offset ..
+    offset + w: float32 logits themselves, or float16 bits converted into `scratch` once per tile (so the
+    class loops below read float32 either way). Implemented per dtype in _load_numba (numba overload)."""
+    raise NotImplementedError
+
+
 def _exp_array(x, out):
     """exp of every element (tests and the benchmark of the exp alone)."""
     for i in range(x.shape[0]):
@@ -486,6 +495,27 @@ def _load_numba() -> Optional[str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from numba import njit
+
+            from numba.core import types
+            from numba.extending import overload
+
+            from segcal_cli.fastmath import finite_half_bits_to_float
+
+            @overload(_tile_source, inline="always")
+            def _tile_source_overload(stored, t0, w, scratch):
+                if isinstance(stored.dtype, types.Float):
+                    def float32_tile(stored, t0, w, scratch):
+                        return stored, t0
+
+                    return float32_tile
+
+                def float16_tile(stored, t0, w, scratch):
+                    for k in range(stored.shape[0]):
+                        for j in range(_u64(w)):
+                            scratch[k, j] = finite_half_bits_to_float(stored[k, _u64(t0) + j])
+                    return scratch, 0
+
+                return float16_tile
 
             # the helpers are module globals that the kernels' compilation resolves by name
             _exp_nonpositive = njit(inline="always", fastmath=_FASTMATH, error_model="numpy")(_exp_nonpositive)
@@ -575,8 +605,9 @@ def supports_state(state) -> bool:
 
 
 def accepts(logits: torch.Tensor) -> bool:
-    """Whether a (C, n) block can go through the kernel: float32 in CPU memory."""
-    return logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2
+    """Whether a (C, n) block can go through the kernel: float32, or float16 as stored (read by its bits and
+    converted a tile at a time), in CPU memory."""
+    return logits.dtype in (torch.float32, torch.float16) and logits.device.type == "cpu" and logits.dim() == 2
 
 
 def _as_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -618,6 +649,8 @@ class FusedAccumulator:
         if n == 0:
             return
         z = logits.detach().contiguous().numpy()
+        if z.dtype == np.float16:
+            z = z.view(np.uint16)  # numba has no float16: the kernel converts the bits (_tile_source)
         y = _as_numpy(labels, torch.int64)
         use_valid = valid is not None
         v = _as_numpy(valid, torch.bool) if use_valid else np.ones(1, np.bool_)
