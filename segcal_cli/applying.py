@@ -73,6 +73,8 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
     if kind == "probabilities" and not binary and (cal is None or scale is not None):
         if fastmath.softmax_into(logits, out, 1.0 if scale is None else scale):  # numba, whole block, tiled
             return out
+    if logits.dtype == torch.float16:  # kept as stored by the stream for the kernel above; torch gets float32
+        logits = logits.float()
     for start in range(0, n, COMPUTE_VOXELS):
         piece = logits[:, start:start + COMPUTE_VOXELS]
         if kind == "probabilities":
@@ -88,6 +90,19 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
         z = cal.forward(piece) if cal is not None else piece
         out[:, start:start + COMPUTE_VOXELS] = z[1:2] - z[0:1] if binary else z
     return out
+
+
+def _reads_float16(cal, kind: str, ds) -> bool:
+    """Whether calibrated_output's numba softmax serves this run, so the stream can hand it float16 logits
+    as stored (no float32 copy of every block): probabilities of a temperature scaling (or of no calibrator)
+    on the CPU."""
+    if kind != "probabilities" or ds.device.type != "cpu":
+        return False
+    if cal is not None and cal.softmax_scale() is None:
+        return False
+    from segcal_cli import fastmath
+
+    return fastmath.kernels() is not None
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -215,7 +230,7 @@ def apply_calibrator(ds, cal, out: Path, *, kind: str = "probabilities", dtype: 
         unit_pos = pending = 0
         unit_buffer: Optional[np.ndarray] = None
         current_case = -1
-        stream = ds.stream(with_labels=False)
+        stream = ds.stream(with_labels=False, keep_float16=_reads_float16(cal, kind, ds))
         for block in stream:
             case = ds.cases[block.case_index]
             if block.case_index != current_case:  # blocks follow ds.plan(case) unit by unit, in order

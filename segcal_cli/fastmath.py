@@ -153,8 +153,9 @@ def finite_half_conversion_is_exact() -> bool:
 
 
 def as_float32(x):
-    """A stored logit as float32: itself for float32, the value of its bits for float16 stored as uint16.
-    Kernels written with it read either dtype (numba compiles one version per dtype)."""
+    """A stored logit as float32: itself for float32, the value of its bits for a finite float16 stored as
+    uint16 (finite_half_bits_to_float). Kernels written with it read either dtype (numba compiles one version
+    per dtype)."""
     return np.float32(x)
 
 
@@ -164,9 +165,9 @@ if njit is not None:
 
     @overload(as_float32, inline="always")
     def _as_float32_overload(x):
-        if isinstance(x, types.Integer):
+        if isinstance(x, types.Integer):  # float16 bits of a finite value (streams check them)
             def from_half_bits(x):
-                return half_bits_to_float(x)
+                return finite_half_bits_to_float(x)
 
             return from_half_bits
         if isinstance(x, types.Float):

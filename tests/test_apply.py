@@ -242,3 +242,29 @@ def test_temperature_scaling_folds_into_the_softmax():
     for name in METHODS:
         if name != "ts":
             assert get_method(name).identity(7).softmax_scale() is None, name
+
+
+@pytest.mark.parametrize("method", ["ts", "vs"])
+def test_float16_input_gives_the_float32_results(tmp_path, method):
+    """float16 logits: temperature scaling reads them as stored (the stream keeps float16 for the numba
+    softmax), other families get float32 blocks; either way the output is that of the float32 values."""
+    from segcal_cli import applying
+
+    logits16 = (_logits((2, C, 33, 47), 5.0)).astype(np.float16)
+    labels = _labels((2, 33, 47))
+    chunks = {"logits": (1, C, 16, 16), "labels": (1, 16, 16)}
+    path16 = write_h5(tmp_path / "h.h5", {"logits": logits16, "labels": labels}, chunks)
+    path32 = write_h5(tmp_path / "s.h5", {"logits": logits16.astype(np.float32), "labels": labels}, chunks)
+    cal = get_method(method).random(C, torch.Generator().manual_seed(2)) if method != "ts" else \
+        get_method("ts").from_parameters(C, {"temperature": torch.tensor(1.3)})
+    outs = {}
+    for name, path in (("half", path16), ("single", path32)):
+        ds = open_dataset([str(path)], DataOptions(device="cpu"))
+        assert ds.num_classes == C and len(ds.cases) == 2
+        if name == "half":
+            assert applying._reads_float16(cal, "probabilities", ds) == (method == "ts" and
+                                                                          __import__("segcal_cli.fastmath").fastmath.kernels() is not None)
+        out = tmp_path / f"{name}_out.h5"
+        apply_calibrator(ds, cal, out, dtype="float32")
+        outs[name] = read(out, "probabilities")
+    np.testing.assert_array_equal(outs["half"], outs["single"])
