@@ -13,6 +13,8 @@ For each container format, in this one process:
   logits (C, n), int64 labels, bool valid), i.e. reading + validation + conversion.
 * segcal iter_raw: the io layer's reads alone (`Dataset.iter_raw()`, numpy as stored), to tell read cost
   from conversion cost.
+* stream float16: `stream(keep_float16=True)`, what `segcal evaluate` and `apply --method ts` use: float16
+  logits as stored, checked finite, classes first (no float32 copy); labels and validity as above.
 Throughput is stored bytes (float16 logits + uint8 labels) per second; the best of `--repeat` runs after
 one untimed warm-up read. The ratio is segcal / plain.
 
@@ -91,13 +93,13 @@ def plain_zarr(path: Path) -> int:
     return voxels
 
 
-def segcal_stream(path: Path, chunk_voxels: int | None) -> int:
+def segcal_stream(path: Path, chunk_voxels: int | None, keep_float16: bool = False) -> int:
     from segcal_cli.io import DataOptions, open_dataset
 
     options = DataOptions(device="cpu", chunk_voxels=chunk_voxels)
     voxels = 0
     with open_dataset([str(path)], options, require_labels=True) as ds:
-        for block in ds.stream():
+        for block in ds.stream(keep_float16=keep_float16):
             voxels += int(block.logits.shape[1])
     return voxels
 
@@ -127,6 +129,8 @@ def run_reader(kind: str, path: Path, chunk_voxels: int | None) -> int:
         return plain_h5(path) if path.suffix == ".h5" else plain_zarr(path)
     if kind == "segcal":
         return segcal_stream(path, chunk_voxels)
+    if kind == "segcal-f16":
+        return segcal_stream(path, chunk_voxels, keep_float16=True)
     if kind == "segcal-raw":
         return segcal_raw(path, chunk_voxels)
     if kind == "idle":
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch threads: {torch.get_num_threads()}, segcal chunk_voxels: {args.chunk_voxels or 'default'}, "
           f"best of {args.repeat}, warm page cache")
     print(f"{'format':6} {'reader':16} {'seconds':>8} {'GB/s':>7} {'Mvox/s':>8} {'vs plain':>9}")
-    labels = {"plain": None, "segcal-raw": "segcal iter_raw", "segcal": "segcal stream"}
+    labels = {"plain": None, "segcal-raw": "segcal iter_raw", "segcal": "segcal stream",
+              "segcal-f16": "stream float16"}
     for fmt in formats:
         path = files[fmt]
         nbytes = _stored_bytes(path)
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         run_reader("segcal-raw", path, args.chunk_voxels)
         row = results["formats"][fmt]
         row["stored_gb"] = nbytes / 1e9
-        for kind in ("plain", "segcal-raw", "segcal"):
+        for kind in ("plain", "segcal-raw", "segcal", "segcal-f16"):
             seconds, voxels = timed(kind, path, args.chunk_voxels, args.repeat)
             row[kind] = {"seconds": seconds, "gb_per_s": nbytes / 1e9 / seconds, "mvox_per_s": voxels / 1e6 / seconds,
                          "voxels": voxels}
