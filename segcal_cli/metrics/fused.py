@@ -69,20 +69,11 @@ _f32 = np.float32
 _i32 = np.int32
 _u64 = np.uint64  # unsigned indices: numba adds no negative-index wraparound
 
-# exp(x), x <= 0: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial fitted for relative error
-# (3e-9 before rounding; coefficients from a reweighted least-squares fit on Chebyshev nodes), 2^n added to the
-# result's exponent bits. Measured against float64 exp over [-87, 0]: at most 0.9 ulp (tests/test_metrics_fused.py
-# asserts <= 2).
-_LOG2E = _f32(1.4426950408889634)
-_ROUND_MAGIC = _f32(12582912.0)  # 1.5 * 2^23: adding it rounds |v| < 2^22 to an integer (round to nearest)
-_LN2_HI = _f32(0.693359375)  # ln 2 = _LN2_HI - _LN2_LO_NEG, _LN2_HI with 9 significant bits (n * _LN2_HI exact)
+# exp(x), x <= 0, is fastmath.exp_nonpositive (a degree-6 polynomial fitted for relative error, 2^n added to the
+# exponent bits; at most 0.9 ulp from float64 exp over [-87, 0], tests/test_metrics_fused.py asserts <= 2).
+# ln 2 in two parts for the log below: _LN2_HI with 9 significant bits (n * _LN2_HI exact).
+_LN2_HI = _f32(0.693359375)
 _LN2_LO_NEG = _f32(2.12194440e-4)
-_EXP_FLOOR = _f32(-87.0)  # x below it is taken as -87: exp = 1.6e-38, still a normal float (no denormals)
-_E2 = _f32(0.4999999403953552)
-_E3 = _f32(0.1666652113199234)
-_E4 = _f32(0.04166838899254799)
-_E5 = _f32(0.008368710055947304)
-_E6 = _f32(0.0013814608100801706)
 _ONE = _f32(1.0)
 _ZERO = _f32(0.0)
 _HALF = _f32(0.5)
@@ -121,22 +112,7 @@ def near_tolerance(bins: int) -> np.float32:
 _FASTMATH = {"contract"}
 
 
-def _exp_nonpositive(x):
-    """float32 exp(x) for x <= 0 (x < -87 gives exp(-87)); exp(0) = 1 exactly."""
-    x = x if x > _EXP_FLOOR else _EXP_FLOOR
-    t = x * _LOG2E + _ROUND_MAGIC
-    n = t - _ROUND_MAGIC  # nearest integer to x / ln 2, in [-126, 0]
-    r = x - n * _LN2_HI
-    r = r + n * _LN2_LO_NEG
-    p = _E6
-    p = p * r + _E5
-    p = p * r + _E4
-    p = p * r + _E3
-    p = p * r + _E2
-    p = p * r + _ONE
-    p = p * r + _ONE  # in [0.70, 1.42]: p * 2^n is normal for n >= -126
-    # t's low mantissa bits hold n (t = 1.5 * 2^23 + n), so t's bits << 23 are n << 23 mod 2^32
-    return np.int32(np.float32(p).view(np.int32) + (np.float32(t).view(np.int32) << _i32(23))).view(np.float32)
+_exp_nonpositive = None  # fastmath.exp_nonpositive, bound by _load_numba (the kernels resolve it by name)
 
 
 def _log_positive(x):
@@ -518,7 +494,9 @@ def _load_numba() -> Optional[str]:
                 return float16_tile
 
             # the helpers are module globals that the kernels' compilation resolves by name
-            _exp_nonpositive = njit(inline="always", fastmath=_FASTMATH, error_model="numpy")(_exp_nonpositive)
+            from segcal_cli.fastmath import exp_nonpositive as _shared_exp
+
+            _exp_nonpositive = _shared_exp  # one exp for every kernel (already compiled inline="always")
             _log_positive = njit(inline="always", fastmath=_FASTMATH, error_model="numpy")(_log_positive)
             _bin_exact = njit(fastmath=_FASTMATH, error_model="numpy", boundscheck=False)(_bin_exact)
             accumulate = _jit(njit, _accumulate)
