@@ -200,10 +200,21 @@ def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: D
     return x
 
 
-def _labels_and_valid(raw_labels, raw_mask, n: int, case: CaseInfo, options, device, num_classes: int):
-    """Labels as int64 (0 where invalid) and the validity mask, in as few passes as possible."""
+def _labels_and_valid(raw_labels, raw_mask, n: int, case: CaseInfo, options, device, num_classes: int,
+                      kernels: dict | None = None):
+    """Labels as int64 (0 where invalid) and the validity mask, in as few passes as possible (one, with the
+    numba kernel, for uint8 labels on the CPU)."""
     valid = None
     labels = None
+    if (kernels is not None and raw_labels is not None and device.type == "cpu"
+            and np.asarray(raw_labels).dtype == np.uint8 and 0 <= options.ignore_index <= 255):
+        stored = np.ascontiguousarray(raw_labels).reshape(-1)
+        labels = torch.empty(stored.shape[0], dtype=torch.int64)
+        valid = torch.empty(stored.shape[0], dtype=torch.bool)
+        top = kernels["labels_and_valid_u8"](stored, options.ignore_index, labels.numpy(), valid.numpy())
+        if top >= num_classes:  # the torch path below finds and words the error
+            return _labels_and_valid(raw_labels, raw_mask, n, case, options, device, num_classes)
+        raw_labels = None
     if raw_labels is not None:
         lab = _as_tensor(raw_labels, device).reshape(-1)  # stored dtype: compare before widening
         info = torch.iinfo(lab.dtype) if lab.dtype != torch.bool else None
@@ -247,7 +258,7 @@ class _ConvertedUnit:
     last_of_case: bool
 
 
-def _prepare_labels(raw: RawUnit, dataset: Dataset) -> tuple[RawUnit, list]:
+def _prepare_labels(raw: RawUnit, dataset: Dataset, kernels: dict | None = None) -> tuple[RawUnit, list]:
     """Reader stage on the CPU: each block's labels and validity (and the first error in them) made next to
     the read, which leaves the converter stage, the busier one, only the logits (bench_stream)."""
     case = dataset.cases[raw.case_index]
@@ -257,7 +268,7 @@ def _prepare_labels(raw: RawUnit, dataset: Dataset) -> tuple[RawUnit, list]:
         n = region_size(region)
         try:
             prepared.append(_labels_and_valid(labels_np, mask_np, n, case, dataset.options, torch.device("cpu"),
-                                              dataset.num_classes))
+                                              dataset.num_classes, kernels))
         except InputError as err:
             prepared.append(err)  # raised by the converter, in order, after this unit's logits are checked
             break
@@ -326,7 +337,7 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
     if device.type == "cuda":
         prepare = lambda raw: (_pin(raw), None)  # noqa: E731
     else:
-        prepare = lambda raw: _prepare_labels(raw, dataset)  # noqa: E731
+        prepare = lambda raw: _prepare_labels(raw, dataset, kernels)  # noqa: E731
     kernels = _half_kernels(dataset, device, keep_float16)
     if keep_float16 and kernels is not None:
         from segcal_cli.fastmath import finite_half_conversion_is_exact

@@ -241,13 +241,28 @@ def softmax_tiles(z, out, out_stride, out_offset, C, n, scale, half):
                     out[o + j] = e[q + j] * total[j]
 
 
+@_jit(nogil=True)
+def labels_and_valid_u8(stored, ignore, labels, valid):
+    """uint8 labels as stored -> int64 labels (0 where ignored) and validity, in one pass; returns the largest
+    label that is not the ignore value (-1 if none), for the caller's range check."""
+    top = -1
+    for i in range(_u64(stored.shape[0])):
+        y = _i32(stored[i])
+        keep = y != ignore
+        labels[i] = y if keep else 0
+        valid[i] = keep
+        y = y if keep else _i32(-1)
+        top = y if y > top else top
+    return top
+
+
 def kernels() -> Optional[dict]:
     """The compiled kernels, or None when SEGCAL_NUMBA=0 or numba cannot be used here (`error()` says why)."""
     if njit is None or os.environ.get(ENV_VAR, "").strip().lower() in ("0", "false", "no", "off"):
         return None
     return {"exp_nonpositive": exp_nonpositive, "half_bits_of_unit": half_bits_of_unit,
             "softmax_tiles": softmax_tiles, "half_to_float": half_to_float,
-            "count_nonfinite_half": count_nonfinite_half}
+            "count_nonfinite_half": count_nonfinite_half, "labels_and_valid_u8": labels_and_valid_u8}
 
 
 def error() -> Optional[str]:

@@ -273,3 +273,24 @@ def test_the_two_operation_float16_conversion_is_exact_here():
     if fastmath.kernels() is None:
         pytest.skip(f"numba kernels unavailable: {fastmath.error()}")
     assert fastmath.finite_half_conversion_is_exact()
+
+
+def test_label_kernel_reports_bad_labels_like_torch(tmp_path):
+    """uint8 labels go through fastmath.labels_and_valid_u8 in a kept-float16 stream: same labels and
+    validity as torch's path (tested above), the same error for a label outside the classes."""
+    from segcal_cli import fastmath
+
+    if fastmath.kernels() is None:
+        pytest.skip(f"numba kernels unavailable: {fastmath.error()}")
+    logits = RNG.normal(size=(1, 4, 20, 20)).astype(np.float16)
+    labels = RNG.integers(0, 4, size=(1, 20, 20)).astype(np.uint8)
+    labels[0, 3, 3] = 9
+    labels[0, 5, 5] = 255
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.create_dataset("logits", data=logits, chunks=(1, 4, 16, 16))
+        f.create_dataset("labels", data=labels, chunks=(1, 16, 16))
+    ds = open_dataset([str(tmp_path / "x.h5")], DataOptions(device="cpu"))
+    for keep in (True, False):
+        with pytest.raises(InputError, match=r"1 labels outside \[0, 4\).*\(e.g. 9\)"):
+            for _ in ds.stream(keep_float16=keep):
+                pass
