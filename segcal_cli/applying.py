@@ -53,7 +53,7 @@ def _softmax_classes_first(z, out=None, scale: float = 1.0):
     return torch.div(e, ones @ e, out=out)
 
 
-def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
+def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None, kernels: bool = True):
     """(C, n) logits -> the (C', n) result written for one block, in `dtype` (default float32).
 
     probabilities: softmax over classes of the calibrated logits; logits: the calibrated logits as the
@@ -63,15 +63,15 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
     """
     import torch
 
-    from segcal_cli import fastmath
-
     dtype = dtype or torch.float32
     n = logits.shape[1]
     out = torch.empty((1 if binary else logits.shape[0], n), dtype=dtype, device=logits.device)
     # temperature scaling: the softmax folds 1/T in, instead of a forward pass that rescales every logit
     scale = cal.softmax_scale() if (cal is not None and kind == "probabilities") else None
+    if kernels:
+        from segcal_cli import fastmath
     if kind == "probabilities" and not binary and (cal is None or scale is not None):
-        if fastmath.softmax_into(logits, out, 1.0 if scale is None else scale):  # numba, whole block, tiled
+        if kernels and fastmath.softmax_into(logits, out, 1.0 if scale is None else scale):  # numba, tiled
             return out
     if logits.dtype == torch.float16:  # kept as stored by the stream for the kernel above; torch gets float32
         logits = logits.float()
@@ -84,7 +84,7 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
                 out[:, start:start + COMPUTE_VOXELS] = _softmax_classes_first(z, scale=s)[1:2]
                 continue
             target = out[:, start:start + COMPUTE_VOXELS]
-            if not fastmath.softmax_into(z, target, s):  # else torch, rounded to out's dtype in the division
+            if not (kernels and fastmath.softmax_into(z, target, s)):  # else torch, rounded in the division
                 _softmax_classes_first(z, target, scale=s)
             continue
         z = cal.forward(piece) if cal is not None else piece
@@ -92,17 +92,24 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None):
     return out
 
 
-def _reads_float16(cal, kind: str, ds) -> bool:
-    """Whether calibrated_output's numba softmax serves this run, so the stream can hand it float16 logits
-    as stored (no float32 copy of every block): probabilities of a temperature scaling (or of no calibrator)
-    on the CPU."""
-    if kind != "probabilities" or ds.device.type != "cpu":
-        return False
-    if cal is not None and cal.softmax_scale() is None:
+def _uses_kernels(ds) -> bool:
+    """Whether this run's softmax uses the numba kernels (kernel_choice: large data, or SEGCAL_NUMBA=1)."""
+    from segcal_cli import kernel_choice
+
+    if ds.device.type != "cpu" or not kernel_choice.wanted(ds.total_voxels * ds.num_classes):
         return False
     from segcal_cli import fastmath
 
     return fastmath.kernels() is not None
+
+
+def _reads_float16(cal, kind: str, ds) -> bool:
+    """Whether calibrated_output's numba softmax serves this run, so the stream can hand it float16 logits
+    as stored (no float32 copy of every block): probabilities of a temperature scaling (or of no calibrator)
+    on the CPU, with the kernels in use."""
+    if kind != "probabilities" or (cal is not None and cal.softmax_scale() is None):
+        return False
+    return _uses_kernels(ds)
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -230,13 +237,14 @@ def apply_calibrator(ds, cal, out: Path, *, kind: str = "probabilities", dtype: 
         unit_pos = pending = 0
         unit_buffer: Optional[np.ndarray] = None
         current_case = -1
+        kernels = _uses_kernels(ds)
         stream = ds.stream(with_labels=False, keep_float16=_reads_float16(cal, kind, ds))
         for block in stream:
             case = ds.cases[block.case_index]
             if block.case_index != current_case:  # blocks follow ds.plan(case) unit by unit, in order
                 current_case, units, unit_pos, pending = block.case_index, ds.plan(block.case_index), 0, 0
             unit = units[unit_pos]
-            result = calibrated_output(cal, block.logits, kind, case.stored_classes == 1, torch_dtype)
+            result = calibrated_output(cal, block.logits, kind, case.stored_classes == 1, torch_dtype, kernels)
             result = result.cpu().numpy().reshape(result.shape[0], *block.shape)
             if case.class_axis != 0:
                 result = np.moveaxis(result, 0, case.class_axis)

@@ -299,18 +299,15 @@ def _convert(item: tuple[RawUnit, list | None], dataset: Dataset, device: torch.
     return _ConvertedUnit(blocks, any_valid, raw.last_of_case)
 
 
-# Loading numba and its cached kernels costs ~0.7 s per process: worth it from this many stored values on
-# (the 2 GB benchmark file holds 1e9). The conversion is exact either way, so the choice changes no result.
-HALF_KERNEL_MIN_VALUES = 100_000_000
-
-
 def _half_kernels(dataset: Dataset, device: torch.device, keep_float16: bool) -> dict | None:
     """fastmath's kernels for float16 data read on the CPU when they repay loading numba (large data, or a
     consumer that reads float16 itself), else None (torch converts)."""
     if device.type != "cpu" or not any(np.dtype(c.dtype) == np.float16 for c in dataset.cases):
         return None
-    if not keep_float16 and dataset.total_voxels * dataset.num_classes < HALF_KERNEL_MIN_VALUES:
-        return None
+    from segcal_cli import kernel_choice
+
+    if not keep_float16 and not kernel_choice.wanted(dataset.total_voxels * dataset.num_classes):
+        return None  # the conversion is exact either way: the choice changes no result
     from segcal_cli import fastmath
 
     return fastmath.kernels()

@@ -21,12 +21,10 @@ writable, so only the first run compiles (~2 s).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
 
-ENV_VAR = "SEGCAL_NUMBA"
 TILE = 512  # voxels per tile: (C, TILE) float32 scratch of 39 KB for 19 classes stays in L1/L2
 
 _f32 = np.float32
@@ -258,11 +256,20 @@ def labels_and_valid_u8(stored, ignore, labels, valid):
 
 def kernels() -> Optional[dict]:
     """The compiled kernels, or None when SEGCAL_NUMBA=0 or numba cannot be used here (`error()` says why)."""
-    if njit is None or os.environ.get(ENV_VAR, "").strip().lower() in ("0", "false", "no", "off"):
+    from segcal_cli import kernel_choice
+
+    if njit is None or kernel_choice.setting() is False:
         return None
     return {"exp_nonpositive": exp_nonpositive, "half_bits_of_unit": half_bits_of_unit,
             "softmax_tiles": softmax_tiles, "half_to_float": half_to_float,
             "count_nonfinite_half": count_nonfinite_half, "labels_and_valid_u8": labels_and_valid_u8}
+
+
+def wanted(values: int) -> bool:
+    """Whether to use the kernels for data of `values` stored values (kernel_choice.wanted) and they work."""
+    from segcal_cli import kernel_choice
+
+    return kernel_choice.wanted(values) and kernels() is not None
 
 
 def error() -> Optional[str]:

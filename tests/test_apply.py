@@ -245,11 +245,12 @@ def test_temperature_scaling_folds_into_the_softmax():
 
 
 @pytest.mark.parametrize("method", ["ts", "vs"])
-def test_float16_input_gives_the_float32_results(tmp_path, method):
+def test_float16_input_gives_the_float32_results(tmp_path, method, monkeypatch):
     """float16 logits: temperature scaling reads them as stored (the stream keeps float16 for the numba
     softmax), other families get float32 blocks; either way the output is that of the float32 values."""
     from segcal_cli import applying
 
+    monkeypatch.setenv("SEGCAL_NUMBA", "1")  # the kernels at any size
     logits16 = (_logits((2, C, 33, 47), 5.0)).astype(np.float16)
     labels = _labels((2, 33, 47))
     chunks = {"logits": (1, C, 16, 16), "labels": (1, 16, 16)}
@@ -268,3 +269,31 @@ def test_float16_input_gives_the_float32_results(tmp_path, method):
         apply_calibrator(ds, cal, out, dtype="float32")
         outs[name] = read(out, "probabilities")
     np.testing.assert_array_equal(outs["half"], outs["single"])
+
+
+def test_small_runs_do_not_load_numba(tmp_path):
+    """Below fastmath.MIN_VALUES apply and evaluate stay on torch: no numba import (~0.6 s) for small data."""
+    import subprocess
+
+    path = write_h5(tmp_path / "s.h5", {"logits": _logits((2, C, 20, 20)).astype(np.float16),
+                                        "labels": _labels((2, 20, 20))},
+                    {"logits": (1, C, 16, 16), "labels": (1, 16, 16)})
+    code = f"""
+import sys, torch
+from pathlib import Path
+from segcal_cli.io import DataOptions, open_dataset
+from segcal_cli.applying import apply_calibrator
+from segcal_cli.calibrators import get_method
+from segcal_cli.metrics.evaluation import Evaluation
+ds = open_dataset([{str(path)!r}], DataOptions(device="cpu"))
+cal = get_method("ts").from_parameters({C}, {{"temperature": torch.tensor(1.2)}})
+apply_calibrator(ds, cal, Path({str(tmp_path / "o.h5")!r}))
+ev = Evaluation(ds.num_classes, [c.id for c in ds.cases], [c.num_voxels for c in ds.cases])
+for b in ds.stream(keep_float16=ev.fused):
+    ev.add_block(b.case_index, b.logits, b.labels, b.valid)
+ev.finish()
+print("numba" in sys.modules)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("SEGCAL_NUMBA", "SEGCAL_FUSED")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "False"

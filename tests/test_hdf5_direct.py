@@ -202,7 +202,7 @@ def test_writer_needs_early_allocation_and_falls_back_off_grid(tmp_path):
 def test_float16_conversion_kernel_equals_torch_and_counts_bad_values(tmp_path, monkeypatch):
     """Large float16 data is converted by fastmath.half_to_float (conversion and finiteness check in one
     pass): the same float32 blocks as torch's conversion, and the same error for NaN / Inf."""
-    from segcal_cli import engine, fastmath
+    from segcal_cli import engine, fastmath, kernel_choice
 
     if fastmath.kernels() is None:
         pytest.skip(f"numba kernels unavailable: {fastmath.error()}")
@@ -214,7 +214,7 @@ def test_float16_conversion_kernel_equals_torch_and_counts_bad_values(tmp_path, 
         f.create_dataset("labels", data=labels, chunks=(1, 16, 16))
     streams = {}
     for threshold in (10**18, 0):  # torch, then the kernel
-        monkeypatch.setattr(engine, "HALF_KERNEL_MIN_VALUES", threshold)
+        monkeypatch.setattr(kernel_choice, "MIN_VALUES", threshold)
         ds = open_dataset([str(tmp_path / "x.h5")], DataOptions(device="cpu"))
         assert (engine._half_kernels(ds, torch.device("cpu"), False) is not None) == (threshold == 0)
         streams[threshold] = [b.logits.clone() for b in ds.stream()]

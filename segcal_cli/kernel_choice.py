@@ -1,0 +1,31 @@
+"""When the numba kernels of fastmath.py are worth loading. Importing this module imports no numba.
+
+Importing numba and loading its cached kernels costs ~0.6 s per process (compiling them the first time on a
+machine, several seconds), so they are used from MIN_VALUES stored values on (the 2 GB benchmark file holds
+1e9) and small runs stay on torch. Results do not depend on the choice beyond float32 rounding (tested).
+SEGCAL_NUMBA=0 turns the kernels off, SEGCAL_NUMBA=1 on at any size.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+ENV_VAR = "SEGCAL_NUMBA"
+MIN_VALUES = 100_000_000
+
+
+def setting() -> Optional[bool]:
+    """SEGCAL_NUMBA as True / False, or None when unset."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    return None
+
+
+def wanted(values: int) -> bool:
+    """Whether data of `values` stored values should use the kernels (before checking that numba works)."""
+    chosen = setting()
+    return chosen if chosen is not None else values >= MIN_VALUES
