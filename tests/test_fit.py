@@ -328,3 +328,27 @@ def test_fit_command_bad_input_exits_2_and_writes_nothing(tmp_path):
     assert run.returncode == 2 and "too few valid voxels to fit cdc: 10" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["sparse.h5"]
+
+
+@pytest.mark.parametrize("method", ["ts", "vs"])
+def test_float16_data_keeps_a_float16_sample_with_the_same_fit(tmp_path, method):
+    """A sampled fit of float16 logits keeps its sample as float16 (half the memory; every value is a
+    float16 already) and gives exactly the fit of the same values stored as float32."""
+    from segcal_cli.fitting import driver
+
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(3, 5, 30, 40)) * 4).astype(np.float16)
+    labels = rng.integers(0, 5, size=(3, 30, 40)).astype(np.uint8)
+    paths = {}
+    for name, data in (("half", logits), ("single", logits.astype(np.float32))):
+        paths[name] = tmp_path / f"{name}.h5"
+        with h5py.File(paths[name], "w") as f:
+            f.create_dataset("logits", data=data, chunks=(1, 5, 16, 16))
+            f.create_dataset("labels", data=labels, chunks=(1, 16, 16))
+    results = {}
+    for name, path in paths.items():
+        ds = open_dataset([str(path)], DataOptions(device="cpu"))
+        assert driver._float16_exact(ds) == (name == "half")
+        results[name] = fit_dataset(ds, FitOptions(method, max_voxels=1500, seed=4))
+    for key, value in results["half"].calibrator.parameters().items():
+        assert torch.equal(value, results["single"].calibrator.parameters()[key]), key

@@ -67,10 +67,13 @@ def region_flat_index(region: Sequence[slice], spatial_shape: Sequence[int], dev
 
 
 class BottomKSampler:
-    """Keeps the k smallest-key voxels seen so far; memory bounded by about 2k voxels."""
+    """Keeps the k smallest-key voxels seen so far; memory bounded by about 2k voxels (and the copies of a
+    prune). `store_dtype`: keep the logits in this dtype (float16 when they came from float16 storage, which
+    loses nothing and halves the buffer); `result` returns float32 either way."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, store_dtype: Optional[torch.dtype] = None):
         self.k = int(k)
+        self.store_dtype = store_dtype
         self.threshold = 2.0  # keys are < 1: keep everything until the buffer first overflows
         self._logits: List[torch.Tensor] = []
         self._labels: List[torch.Tensor] = []
@@ -85,6 +88,8 @@ class BottomKSampler:
             logits, labels, keys = logits[:, keep], labels[keep], keys[keep]
         if keys.numel() == 0:
             return
+        if self.store_dtype is not None and logits.dtype != self.store_dtype:
+            logits = logits.to(self.store_dtype)
         self._logits.append(logits)
         self._labels.append(labels)
         self._keys.append(keys)
@@ -121,4 +126,6 @@ class BottomKSampler:
         full = keys.numel() <= self.k and self.threshold > 1.0
         order = torch.sort(keys).indices[: self.k]
         threshold = None if full else float(keys[order[-1]])
-        return logits[:, order].contiguous(), labels[order], threshold
+        chosen = logits[:, order]
+        chosen = chosen.float() if chosen.dtype == torch.float16 else chosen.contiguous()
+        return chosen, labels[order], threshold
