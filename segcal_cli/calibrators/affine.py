@@ -13,7 +13,24 @@ from segcal_cli.calibrators.base import Calibrator, Properties, compute_dtype, l
 from segcal_cli.errors import InputError
 
 
-class _Diagonal(Calibrator):
+class _Affine(Calibrator):
+    """An affine map of per-family features of z (z itself, log S(z), z - max z); the fit precomputes the
+    features once (`prepare`) and evaluates `prepared_logits` on them, `forward` does both."""
+
+    @classmethod
+    def _features(cls, z):
+        raise NotImplementedError
+
+    @classmethod
+    def _map(cls, params, z):
+        return cls.prepared_logits(params, (cls._features(z),))
+
+    @classmethod
+    def prepare(cls, z, labels):
+        return (cls._features(z.to(compute_dtype(z))),), labels
+
+
+class _Diagonal(_Affine):
     @classmethod
     def parameter_shapes(cls, num_classes):
         return {"weight": (num_classes,), "bias": (num_classes,)}
@@ -27,18 +44,6 @@ class _Diagonal(Calibrator):
         weight = (0.4 * torch.randn(num_classes, dtype=torch.float64, generator=generator)).exp()
         bias = 0.5 * torch.randn(num_classes, dtype=torch.float64, generator=generator)
         return {"weight": weight, "bias": bias}
-
-    @classmethod
-    def _features(cls, z):
-        raise NotImplementedError
-
-    @classmethod
-    def _map(cls, params, z):
-        return torch.addcmul(params["bias"][:, None], params["weight"][:, None], cls._features(z))
-
-    @classmethod
-    def prepare(cls, z, labels):
-        return (cls._features(z.to(compute_dtype(z))),), labels
 
     @classmethod
     def prepared_logits(cls, params, features):
@@ -65,7 +70,7 @@ class VectorScalingTI(_Diagonal):
         return log_softmax_classes_first(z)
 
 
-class _Matrix(Calibrator):
+class _Matrix(_Affine):
     @classmethod
     def parameter_shapes(cls, num_classes):
         return {"weight": (num_classes, num_classes), "bias": (num_classes,)}
@@ -81,18 +86,6 @@ class _Matrix(Calibrator):
         ).exp() + 0.2 * torch.randn(num_classes, num_classes, dtype=torch.float64, generator=generator)
         bias = 0.5 * torch.randn(num_classes, dtype=torch.float64, generator=generator)
         return {"weight": weight, "bias": bias}
-
-    @classmethod
-    def _features(cls, z):
-        raise NotImplementedError
-
-    @classmethod
-    def _map(cls, params, z):
-        return torch.addmm(params["bias"][:, None], params["weight"], cls._features(z))
-
-    @classmethod
-    def prepare(cls, z, labels):
-        return (cls._features(z.to(compute_dtype(z))),), labels
 
     @classmethod
     def prepared_logits(cls, params, features):
