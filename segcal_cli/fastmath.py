@@ -271,13 +271,6 @@ def kernels() -> Optional[dict]:
             "count_nonfinite_half": count_nonfinite_half, "labels_and_valid_u8": labels_and_valid_u8}
 
 
-def wanted(values: int) -> bool:
-    """Whether to use the kernels for data of `values` stored values (kernel_choice.wanted) and they work."""
-    from segcal_cli import kernel_choice
-
-    return kernel_choice.wanted(values) and kernels() is not None
-
-
 def error() -> Optional[str]:
     return _error
 

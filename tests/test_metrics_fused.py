@@ -233,8 +233,10 @@ def test_float64_blocks_take_the_eager_path(monkeypatch):
 
 def test_default_uses_the_kernel_from_a_size_on(monkeypatch):
     monkeypatch.delenv("SEGCAL_FUSED")
-    small = Evaluation(19, ["c"], [fused.AUTO_MIN_VOXEL_CLASSES // 19 - 1], metrics=FUSED_METRICS)
-    large = Evaluation(19, ["c"], [fused.AUTO_MIN_VOXEL_CLASSES // 19 + 1], metrics=FUSED_METRICS)
+    from segcal_cli.kernel_choice import MIN_VALUES
+
+    small = Evaluation(19, ["c"], [MIN_VALUES // 19 - 1], metrics=FUSED_METRICS)
+    large = Evaluation(19, ["c"], [MIN_VALUES // 19 + 1], metrics=FUSED_METRICS)
     assert not small.fused and small.fused_unavailable is None
     assert large.fused
 

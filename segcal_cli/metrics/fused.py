@@ -32,7 +32,7 @@ Design (2-core AMD EPYC, AVX2, 512 KB L2, ~7 GB/s memory):
   (parallel=False); nogil=True, so the reader / converter thread runs while the kernel works.
 * Compiled on first use (importing this module does not import numba) with numba's on-disk cache: ~8 s the
   very first time, then ~0.45 s to load plus ~0.3 s to import numba per process. That start-up is why
-  `evaluate` uses the kernel by default only from AUTO_MIN_VOXEL_CLASSES on.
+  `evaluate` uses the kernel by default only from kernel_choice.MIN_VALUES voxel-classes on.
 
 Measured (1 thread, the benchmark file bench_data/bench.h5: 52 M voxels x 19 classes, --metrics
 ece,nll,brier,dice; `python /tmp/exp/prof_fused.py 1`-style harness: Evaluation.add_block on 256x1024 units,
@@ -510,12 +510,6 @@ def _load_numba() -> Optional[str]:
 # -- the Python side -----------------------------------------------------------------------------------------
 
 
-# Below this much work (classes x voxels) the eager path is used unless SEGCAL_FUSED=1: importing numba and
-# loading the cached kernel cost ~0.75 s per process (~8 s to compile it the very first time), about what the
-# eager path needs for 1e8 voxel-classes.
-AUTO_MIN_VOXEL_CLASSES = 100_000_000
-
-
 def _env() -> str:
     return os.environ.get(ENV_VAR, "").strip().lower()
 
@@ -526,12 +520,15 @@ def disabled_by_env() -> bool:
 
 
 def wanted(voxel_classes: int) -> bool:
-    """SEGCAL_FUSED=0/1 if set, else whether the data is large enough to repay numba's start-up."""
+    """SEGCAL_FUSED=0/1 if set, else whether the data is large enough to repay numba's start-up (~0.75 s per
+    process, ~8 s to compile the very first time: the same threshold as every numba kernel, kernel_choice)."""
+    from segcal_cli import kernel_choice
+
     if disabled_by_env():
         return False
     if _env() in ("1", "true", "yes", "on"):
         return True
-    return voxel_classes >= AUTO_MIN_VOXEL_CLASSES
+    return voxel_classes >= kernel_choice.MIN_VALUES
 
 
 def unavailable_reason() -> Optional[str]:
