@@ -21,6 +21,13 @@ def test_version_and_module_entry_point():
     assert out.returncode == 0 and out.stdout.strip() == f"segcal {__version__}"
 
 
+def test_help_names_the_speed_switches():
+    out = run("--help", env={"COLUMNS": "200", "PATH": ""})
+    assert out.returncode == 0
+    for switch in ("SEGCAL_NUMBA", "SEGCAL_FUSED", "SEGCAL_COMPILE"):
+        assert switch in out.stdout, switch
+
+
 def test_help_lists_every_command():
     out = run("--help")
     assert out.returncode == 0

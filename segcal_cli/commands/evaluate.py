@@ -69,8 +69,10 @@ def evaluate_command(
     chunk_voxels: ChunkVoxels = None,
     quiet: Quiet = False,
 ) -> None:
-    """Calibration (ECE, MCE, ACE, adaptive/classwise ECE, NLL, Brier) and segmentation (Dice, IoU) metrics,
-    pooled and per case; with --calibrator also after calibration, and which decisions it changed."""
+    """Calibration and segmentation metrics, pooled and per case, before and after a calibrator.
+
+    Calibration: ECE, MCE, ACE, adaptive and classwise ECE, NLL, Brier (BA-ECE with --boundary); segmentation:
+    Dice, IoU. With --calibrator also after calibration, from the same read, and which decisions it changed."""
     from segcal_cli import __version__
     from segcal_cli.metrics.binning import check_bins
     from segcal_cli.metrics.checks import parse_checks, parse_metric_list, validate_class_indices
