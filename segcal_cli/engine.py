@@ -142,13 +142,15 @@ def _half_to_float_checked(stored: torch.Tensor, half_to_float, case: CaseInfo, 
     """float16 -> float32 and the finiteness check in one pass (fastmath.half_to_float): the torch way is a
     conversion and then a sum over the float32 copy, 4 bytes per value more of memory traffic, and this
     stream is bound by memory bandwidth. Exact either way."""
-    src = stored.numpy()
-    if not src.flags.c_contiguous:
-        src = np.ascontiguousarray(src)
     out = torch.empty(stored.shape, dtype=torch.float32)
-    if half_to_float(src.reshape(-1).view(np.uint16), out.numpy().reshape(-1)):
+    if half_to_float(_half_bits(stored), out.numpy().reshape(-1)):
         _raise_nonfinite(case, dataset)
     return out
+
+
+def _half_bits(stored: torch.Tensor) -> np.ndarray:
+    """The bits of a float16 CPU tensor as a flat uint16 array, as the numba kernels read them."""
+    return np.ascontiguousarray(stored.numpy()).reshape(-1).view(np.uint16)
 
 
 def _raise_nonfinite(case: CaseInfo, dataset: Dataset) -> None:
@@ -164,9 +166,7 @@ def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: D
     if kernels is not None and stored.dtype == torch.float16 and stored.device.type == "cpu" \
             and input_kind != "probs":
         if keep_float16 and case.stored_classes > 1:
-            src = stored.numpy()
-            src = src if src.flags.c_contiguous else np.ascontiguousarray(src)
-            if kernels["count_nonfinite_half"](src.reshape(-1).view(np.uint16)):
+            if kernels["count_nonfinite_half"](_half_bits(stored)):
                 _raise_nonfinite(case, dataset)
             x = stored.movedim(case.class_axis, 0) if case.class_axis != 0 else stored
             return x.reshape(x.shape[0], -1)
@@ -330,17 +330,17 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
     device = torch.device(device) if device is not None else dataset.device
     check_valid = dataset.require_labels and with_labels
     source = dataset.iter_raw(cases, with_labels=with_labels)
-    # the reader stage: pinning on CUDA (labels are checked on the device), the labels themselves on the CPU
-    if device.type == "cuda":
-        prepare = lambda raw: (_pin(raw), None)  # noqa: E731
-    else:
-        prepare = lambda raw: _prepare_labels(raw, dataset, kernels)  # noqa: E731
     kernels = _half_kernels(dataset, device, keep_float16)
     if keep_float16 and kernels is not None:
         from segcal_cli.fastmath import finite_half_conversion_is_exact
 
         # consumers convert kept float16 with the two-operation form, exact unless subnormals are flushed
         keep_float16 = finite_half_conversion_is_exact()
+    # the reader stage: pinning on CUDA (labels are checked on the device), the labels themselves on the CPU
+    if device.type == "cuda":
+        prepare = lambda raw: (_pin(raw), None)  # noqa: E731
+    else:
+        prepare = lambda raw: _prepare_labels(raw, dataset, kernels)  # noqa: E731
     convert = lambda raw: _convert(raw, dataset, device, check_valid, kernels, keep_float16)  # noqa: E731
     stages: list[_Prefetcher] = []
     if prefetch > 0:
