@@ -68,11 +68,30 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None, kernels:
     out = torch.empty((1 if binary else logits.shape[0], n), dtype=dtype, device=logits.device)
     # temperature scaling: the softmax folds 1/T in, instead of a forward pass that rescales every logit
     scale = cal.softmax_scale() if (cal is not None and kind == "probabilities") else None
+    s = 1.0 if scale is None else scale
+    rescaling_only = cal is None or scale is not None
+    kernel = None
     if kernels:
         from segcal_cli import fastmath
-    if kind == "probabilities" and not binary and (cal is None or scale is not None):
-        if kernels and fastmath.softmax_into(logits, out, 1.0 if scale is None else scale):  # numba, tiled
-            return out
+
+        kernel = fastmath.softmax_into  # False when it cannot run here (then torch)
+    if kind == "probabilities" and not binary and rescaling_only and kernel and kernel(logits, out, s):
+        return out  # the whole block in one call, tiled inside; reads float16 as stored
+    if logits.dtype == torch.float16:  # kept as stored by the stream for the kernel above; torch gets float32
+        logits = logits.float()
+    for start in range(0, n, COMPUTE_VOXELS):
+        piece = logits[:, start:start + COMPUTE_VOXELS]
+        target = out[:, start:start + COMPUTE_VOXELS]
+        if kind == "logits":
+            z = cal.forward(piece) if cal is not None else piece
+            target[...] = z[1:2] - z[0:1] if binary else z
+            continue
+        z = piece if rescaling_only else cal.forward(piece)
+        if binary:
+            target[...] = _softmax_classes_first(z, scale=s)[1:2]
+        elif not (kernel and kernel(z, target, s)):  # else torch, rounded to out's dtype in the division
+            _softmax_classes_first(z, target, scale=s)
+    return out
     if logits.dtype == torch.float16:  # kept as stored by the stream for the kernel above; torch gets float32
         logits = logits.float()
     for start in range(0, n, COMPUTE_VOXELS):
