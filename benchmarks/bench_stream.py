@@ -15,8 +15,10 @@ For each container format, in this one process:
   from conversion cost.
 * stream float16: `stream(keep_float16=True)`, what `segcal evaluate` and `apply --method ts` use: float16
   logits as stored, checked finite, classes first (no float32 copy); labels and validity as above.
-Throughput is stored bytes (float16 logits + uint8 labels) per second; the best of `--repeat` runs after
-one untimed warm-up read. The ratio is segcal / plain.
+Throughput is stored bytes (float16 logits + uint8 labels) per second; the best of `--repeat` rounds after
+one untimed warm-up read. Each round runs every reader once, so a drift in the machine's speed hits them
+alike. "vs plain" is the throughput ratio of the bests; "time ratio" the median over rounds of segcal's
+seconds over the plain read's seconds in the same round.
 
 Peak memory: each measurement runs again in a fresh child process (`--child`), which reports
 `resource.getrusage(RUSAGE_SELF).ru_maxrss`; an `idle` child (imports, opens the dataset, reads nothing)
@@ -138,14 +140,17 @@ def run_reader(kind: str, path: Path, chunk_voxels: int | None) -> int:
     raise ValueError(kind)
 
 
-def timed(kind: str, path: Path, chunk_voxels: int | None, repeat: int) -> tuple[float, int]:
-    best = float("inf")
-    voxels = 0
+def timed_rounds(kinds: list[str], path: Path, chunk_voxels: int | None, repeat: int) -> dict[str, list[float]]:
+    """Seconds per reader per round; each round runs every reader once, so a drift in the machine's speed
+    (this project's VMs drift by 15-30% over a minute) hits every reader alike instead of the last ones."""
+    seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+    voxels: dict[str, int] = {}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        voxels = run_reader(kind, path, chunk_voxels)
-        best = min(best, time.perf_counter() - t0)
-    return best, voxels
+        for kind in kinds:
+            t0 = time.perf_counter()
+            voxels[kind] = run_reader(kind, path, chunk_voxels)
+            seconds[kind].append(time.perf_counter() - t0)
+    return seconds, voxels
 
 
 def child_peak_rss(kind: str, path: Path, chunk_voxels: int | None) -> dict:
@@ -210,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results["torch_threads"] = torch.get_num_threads()
     print(f"torch threads: {torch.get_num_threads()}, segcal chunk_voxels: {args.chunk_voxels or 'default'}, "
-          f"best of {args.repeat}, warm page cache")
-    print(f"{'format':6} {'reader':16} {'seconds':>8} {'GB/s':>7} {'Mvox/s':>8} {'vs plain':>9}")
+          f"best of {args.repeat} interleaved rounds, warm page cache; 'vs plain' = throughput ratio of the bests, "
+          f"'time ratio' = median over rounds of segcal seconds / plain seconds")
+    print(f"{'format':6} {'reader':16} {'seconds':>8} {'GB/s':>7} {'Mvox/s':>8} {'vs plain':>9} {'time ratio':>12}")
     labels = {"plain": None, "segcal-raw": "segcal iter_raw", "segcal": "segcal stream",
               "segcal-f16": "stream float16"}
     for fmt in formats:
@@ -221,18 +227,25 @@ def main(argv: list[str] | None = None) -> int:
         run_reader("segcal-raw", path, args.chunk_voxels)
         row = results["formats"][fmt]
         row["stored_gb"] = nbytes / 1e9
-        for kind in ("plain", "segcal-raw", "segcal", "segcal-f16"):
-            seconds, voxels = timed(kind, path, args.chunk_voxels, args.repeat)
+        kinds = ["plain", "segcal-raw", "segcal", "segcal-f16"]
+        rounds, counts = timed_rounds(kinds, path, args.chunk_voxels, args.repeat)
+        for kind in kinds:
+            seconds, voxels = min(rounds[kind]), counts[kind]
+            if voxels != counts["plain"]:
+                raise SystemExit(f"voxel counts differ: plain {counts['plain']} {kind} {voxels}")
+            # the ratio of the bests, and the median over rounds of the ratio within a round
+            per_round = sorted(t / p for t, p in zip(rounds[kind], rounds["plain"]))
+            median = per_round[len(per_round) // 2] if len(per_round) % 2 else \
+                (per_round[len(per_round) // 2 - 1] + per_round[len(per_round) // 2]) / 2
             row[kind] = {"seconds": seconds, "gb_per_s": nbytes / 1e9 / seconds, "mvox_per_s": voxels / 1e6 / seconds,
-                         "voxels": voxels}
-            if voxels != row["plain"]["voxels"]:
-                raise SystemExit(f"voxel counts differ: plain {row['plain']['voxels']} {kind} {voxels}")
+                         "voxels": voxels, "rounds": rounds[kind], "median_time_ratio": median}
             r = row[kind]
             ratio = r["gb_per_s"] / row["plain"]["gb_per_s"]
             label = labels[kind] or ("plain h5py" if fmt == "h5" else "plain zarr")
             shown = f"{ratio:.2f}x" if kind != "plain" else ""
-            print(f"{fmt:6} {label:16} {r['seconds']:8.2f} {r['gb_per_s']:7.2f} {r['mvox_per_s']:8.1f} {shown:>9}",
-                  flush=True)
+            slower = f"{median:.2f}" if kind != "plain" else ""
+            print(f"{fmt:6} {label:16} {r['seconds']:8.2f} {r['gb_per_s']:7.2f} {r['mvox_per_s']:8.1f} {shown:>9}"
+                  f" {slower:>12}", flush=True)
         row["ratio"] = row["segcal"]["gb_per_s"] / row["plain"]["gb_per_s"]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

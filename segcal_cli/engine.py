@@ -24,7 +24,7 @@ import torch
 from segcal_cli.errors import InputError
 from segcal_cli.io.blocks import Region, region_shape, region_size
 from segcal_cli.io.cases import CaseInfo
-from segcal_cli.io.dataset import Dataset, RawUnit
+from segcal_cli.io.dataset import READ_WORKERS, Dataset, RawUnit
 from segcal_cli.memory import reuse_freed_memory
 
 reuse_freed_memory()  # for library users; the CLI calls it before starting any thread
@@ -59,13 +59,25 @@ def resolve_device(name: str) -> torch.device:
 
 _STOP = object()
 
+_worker = threading.local()
+
+
+def _single_threaded(fn, *args):
+    """fn(*args) with torch limited to one thread in this (pool) thread. torch's thread count is per calling
+    thread; the conversions are memory-bound, and one thread each leaves the other cores to the consumer's
+    team instead of oversubscribing them, which on a busy 2-core machine made every parallel region wait for
+    descheduled threads (5-10x slower)."""
+    if not getattr(_worker, "single_threaded", False):
+        torch.set_num_threads(1)
+        _worker.single_threaded = True
+    return fn(*args)
+
 
 class _Prefetcher:
     """Runs an iterator in a thread, `depth` items ahead; re-raises its errors in the consumer."""
 
-    def __init__(self, source: Iterator, depth: int, transform=None, single_threaded_torch: bool = False):
+    def __init__(self, source: Iterator, depth: int, transform=None):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._single_threaded_torch = single_threaded_torch
         self._stop = threading.Event()
         self._source = source
         self._transform = transform
@@ -82,11 +94,6 @@ class _Prefetcher:
         return False
 
     def _run(self) -> None:
-        if self._single_threaded_torch:
-            # torch's OpenMP thread count is per calling thread. The conversion is memory-bound; giving it one
-            # thread leaves the other cores to the consumer's team instead of oversubscribing them, which on a
-            # busy 2-core machine made every parallel region wait for descheduled threads (5-10x slower).
-            torch.set_num_threads(1)
         try:
             for item in self._source:
                 if self._transform is not None:
@@ -154,8 +161,7 @@ def _half_bits(stored: torch.Tensor) -> np.ndarray:
 
 
 def _raise_nonfinite(case: CaseInfo, dataset: Dataset) -> None:
-    count = dataset.count_nonfinite(dataset.cases.index(case))
-    raise InputError(f"logits contain {count} NaN or Inf values", source=case.source, case=case.id)
+    raise dataset.nonfinite_error(dataset.cases.index(case))
 
 
 def _to_logits(stored: torch.Tensor, case: CaseInfo, input_kind: str, dataset: Dataset,
@@ -322,14 +328,14 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
     several classes on the CPU and numba is there; everything else is float32 as usual. Saves the
     conversion pass and half the memory traffic of the blocks.
 
-    With `prefetch > 0` this is a three-stage pipeline: a reader thread (storage -> numpy, pinned on CUDA),
-    a converter thread (-> validated float32 blocks on the device) and the consumer, each `prefetch` items
-    apart. h5py/numcodecs decoding and torch kernels release the GIL, so on two cores reading, converting
-    and the consumer's own work overlap. Errors in either thread surface here, in order.
+    With `prefetch > 0`, READ_WORKERS threads each read a unit and turn it into validated float32 blocks (on
+    the CPU; on CUDA they read and pin, and one converter thread moves the units to the device), up to
+    `READ_WORKERS + prefetch` units ahead of the consumer, delivered in order. Direct HDF5 reads,
+    numcodecs decoding, the numba kernels and torch kernels release the GIL, so on two cores reading,
+    converting and the consumer's own work overlap. Errors in any thread surface here, in order.
     """
     device = torch.device(device) if device is not None else dataset.device
     check_valid = dataset.require_labels and with_labels
-    source = dataset.iter_raw(cases, with_labels=with_labels)
     kernels = _half_kernels(dataset, device, keep_float16)
     if keep_float16 and kernels is not None:
         from segcal_cli.fastmath import finite_half_conversion_is_exact
@@ -343,12 +349,17 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
         prepare = lambda raw: _prepare_labels(raw, dataset, kernels)  # noqa: E731
     convert = lambda raw: _convert(raw, dataset, device, check_valid, kernels, keep_float16)  # noqa: E731
     stages: list[_Prefetcher] = []
-    if prefetch > 0:
-        stages.append(_Prefetcher(source, prefetch, prepare))
-        stages.append(_Prefetcher(iter(stages[0]), prefetch, convert, single_threaded_torch=device.type == "cpu"))
-        units = iter(stages[1])
+    if prefetch <= 0:
+        units = (convert(prepare(raw)) for raw in dataset.iter_raw(cases, with_labels=with_labels))
+    elif device.type == "cuda":
+        # read and pin in the pool; the device work in one converter thread, in order
+        pinned = dataset.iter_raw(cases, with_labels=with_labels, workers=READ_WORKERS, ahead=prefetch,
+                                  then=prepare)
+        stages.append(_Prefetcher(pinned, prefetch, convert))
+        units = iter(stages[0])
     else:
-        units = (convert(prepare(raw)) for raw in source)
+        units = dataset.iter_raw(cases, with_labels=with_labels, workers=READ_WORKERS, ahead=prefetch,
+                                 then=lambda raw: _single_threaded(convert, prepare(raw)))
     case_has_valid = False
     try:
         for unit in units:
@@ -361,7 +372,8 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
                                      source=case.source, case=case.id)
                 case_has_valid = False
     finally:
-        for stage in reversed(stages):
+        for stage in stages:
             stage.close()
-        if not stages:
-            source.close()
+        close = getattr(units, "close", None)
+        if close is not None:
+            close()

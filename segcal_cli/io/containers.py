@@ -126,6 +126,7 @@ class Container:
         self._handle: Any = None
         self._store: Any = None
         self._fd: int | None = None  # for direct HDF5 chunk reads (hdf5_direct.py), opened on first use
+        self._direct_readers: dict = {}
         try:
             if self.kind == "hdf5":
                 import h5py
@@ -259,10 +260,15 @@ class Container:
             if DirectChunkReader.eligible(array):
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDONLY)
-                return DirectChunkReader(array, self._fd).read
+                # one reader per dataset: it keeps the dataset's chunk index, which every case of a batched
+                # array shares
+                if array.name not in self._direct_readers:
+                    self._direct_readers[array.name] = DirectChunkReader(array, self._fd)
+                return self._direct_readers[array.name].read
         return lambda index: np.asarray(array[index])
 
     def close(self) -> None:
+        self._direct_readers = {}
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
