@@ -2,11 +2,14 @@
 
 Data flow: `Dataset.stream()` (engine: read ahead, convert) -> `calibrated_output` (calibrator forward +
 softmax, in cache-sized pieces) -> `WriteBehind` (io.writers: one writer thread) -> `AtomicOutput.commit()`.
+A temperature scaling's probabilities on the CPU skip the engine and torch: `Dataset.iter_raw` -> the numba
+softmax of each stored unit, in the read threads -> `WriteBehind` ("the torch-free path" below).
 Layout, storage and safety rules live in `segcal_cli.io.writers` and docs/apply.md.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from segcal_cli import __version__
+from segcal_cli.calibrators.softmax_scale import SoftmaxScale
 from segcal_cli.errors import InputError
 from segcal_cli.io.blocks import plan, region_shape
 from segcal_cli.io.containers import Container
@@ -92,23 +96,6 @@ def calibrated_output(cal, logits, kind: str, binary: bool, dtype=None, kernels:
         elif not (kernel and kernel(z, target, s)):  # else torch, rounded to out's dtype in the division
             _softmax_classes_first(z, target, scale=s)
     return out
-    if logits.dtype == torch.float16:  # kept as stored by the stream for the kernel above; torch gets float32
-        logits = logits.float()
-    for start in range(0, n, COMPUTE_VOXELS):
-        piece = logits[:, start:start + COMPUTE_VOXELS]
-        if kind == "probabilities":
-            z = piece if (cal is None or scale is not None) else cal.forward(piece)
-            s = 1.0 if scale is None else scale
-            if binary:
-                out[:, start:start + COMPUTE_VOXELS] = _softmax_classes_first(z, scale=s)[1:2]
-                continue
-            target = out[:, start:start + COMPUTE_VOXELS]
-            if not (kernels and fastmath.softmax_into(z, target, s)):  # else torch, rounded in the division
-                _softmax_classes_first(z, target, scale=s)
-            continue
-        z = cal.forward(piece) if cal is not None else piece
-        out[:, start:start + COMPUTE_VOXELS] = z[1:2] - z[0:1] if binary else z
-    return out
 
 
 def _uses_kernels(ds) -> bool:
@@ -129,6 +116,129 @@ def _reads_float16(cal, kind: str, ds) -> bool:
     if kind != "probabilities" or (cal is not None and cal.softmax_scale() is None):
         return False
     return _uses_kernels(ds)
+
+
+# ------------------------------------------------------------------------------ the torch-free path
+# Temperature scaling (and no calibrator) to probabilities on the CPU: the softmax of scale * z, computed by
+# the numba kernel straight from the stored numpy arrays of each read unit, in the read pool's threads
+# (Dataset.iter_raw), so reading and the softmax use both cores and torch is never imported (commands/apply.py
+# reads the artifact with calibrators/softmax_scale.py). On this project's 2-core machine the CLI applying
+# `ts` to the 2 GB benchmark file went from 6.2-6.6 s to 3 s, 1.3-1.9 s of which had been importing torch
+# (benchmarks/bench_apply.py). Results are bit-identical to the kernel path through the engine (tested).
+
+_GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/kfd")
+
+
+def _surely_cpu(device: str) -> bool:
+    """Whether --device resolves to the CPU, known without importing torch: `cpu`, or `auto` on a machine
+    without a GPU driver (torch would find no CUDA device there). Anything else: torch decides."""
+    if device == "cpu":
+        return True
+    return device == "auto" and not any(os.path.exists(p) for p in _GPU_DRIVERS)
+
+
+def torch_free_possible(ds, kind: str) -> bool:
+    """Whether the data and options allow the torch-free path (given a temperature scaling): probabilities
+    on the CPU of multi-class float16 / float32 logits stored classes first, large enough for the kernels."""
+    from segcal_cli import kernel_choice
+
+    if kind != "probabilities" or ds.options.input_kind == "probs" or not _surely_cpu(ds.options.device):
+        return False
+    for case in ds.cases:
+        if case.class_axis != 0 or case.stored_classes < 2 or np.dtype(case.dtype) not in _FLOATS:
+            return False
+    if not kernel_choice.wanted(ds.total_voxels * ds.num_classes):
+        return False
+    from segcal_cli import fastmath
+
+    if fastmath.kernels() is None:
+        return False
+    # the kernel reads float16 with the two-operation conversion, exact unless subnormals are flushed
+    return not any(np.dtype(c.dtype) == np.float16 for c in ds.cases) or fastmath.finite_half_conversion_is_exact()
+
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+def _torch_free_scale(ds, cal, kind: str) -> Optional[float]:
+    """The softmax scale when this run takes the torch-free path, else None."""
+    scale = 1.0 if cal is None else cal.softmax_scale()
+    if scale is None or not scale > 0 or not torch_free_possible(ds, kind):
+        return None
+    return scale
+
+
+def _softmax_unit(raw, ds, scale: float, np_dtype, found: dict):
+    """One read unit as stored (C, *space) -> (case index, unit, its probabilities in np_dtype, voxels)."""
+    stored = np.ascontiguousarray(raw.logits)
+    C = stored.shape[0]
+    n = stored.size // C
+    flat = stored.reshape(-1)
+    if stored.dtype == np.float16:
+        flat = flat.view(np.uint16)  # numba has no float16: the kernel reads the bits
+        bad = found["count_nonfinite_half"](flat)
+    else:
+        bad = found["count_nonfinite_single"](flat)
+    if bad:
+        raise ds.nonfinite_error(raw.case_index)
+    out = np.empty(stored.shape, np_dtype)
+    half = out.dtype == np.float16
+    target = out.reshape(-1).view(np.uint16) if half else out.reshape(-1)
+    found["softmax_tiles"](flat, target, n, 0, C, n, np.float32(scale), half)
+    return raw.case_index, raw.unit, out, n
+
+
+def _softmax_units(ds, scale: float, np_dtype):
+    """(case index, read unit, probabilities as the unit is stored, voxels), in order."""
+    from segcal_cli import fastmath
+    from segcal_cli.io.dataset import READ_WORKERS
+
+    found = fastmath.kernels()
+    return ds.iter_raw(with_labels=False, workers=READ_WORKERS, ahead=2,
+                       then=lambda raw: _softmax_unit(raw, ds, scale, np_dtype, found))
+
+
+def _calibrated_units(ds, cal, kind: str, dtype: str, np_dtype):
+    """(case index, read unit, calibrated output as the unit is stored, voxels), in order, through the
+    engine's stream (torch): any calibrator, output kind and device."""
+    import torch
+
+    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
+    units: list = []
+    unit_pos = pending = 0
+    unit_buffer: Optional[np.ndarray] = None
+    current_case = -1
+    voxels = 0
+    kernels = _uses_kernels(ds)
+    stream = ds.stream(with_labels=False, keep_float16=_reads_float16(cal, kind, ds))
+    try:
+        for block in stream:
+            case = ds.cases[block.case_index]
+            if block.case_index != current_case:  # blocks follow ds.plan(case) unit by unit, in order
+                current_case, units, unit_pos, pending = block.case_index, ds.plan(block.case_index), 0, 0
+            unit = units[unit_pos]
+            result = calibrated_output(cal, block.logits, kind, case.stored_classes == 1, torch_dtype, kernels)
+            result = result.cpu().numpy().reshape(result.shape[0], *block.shape)
+            if case.class_axis != 0:
+                result = np.moveaxis(result, 0, case.class_axis)
+            voxels += block.num_voxels
+            if len(unit.blocks) == 1:
+                data = result
+            else:  # a storage chunk larger than a block: assemble the whole chunk, write it once
+                if pending == 0:
+                    shape = list(region_shape(unit.region))
+                    shape.insert(case.class_axis, result.shape[case.class_axis])
+                    unit_buffer = np.empty(shape, dtype=np_dtype)
+                local = [slice(b.start - u.start, b.stop - u.start) for b, u in zip(block.region, unit.region)]
+                local.insert(case.class_axis, slice(None))
+                unit_buffer[tuple(local)] = result
+                pending += 1
+                data = unit_buffer if pending == len(unit.blocks) else None
+            if data is not None:
+                yield block.case_index, unit, data, voxels
+                unit_pos, pending, unit_buffer, voxels = unit_pos + 1, 0, None, 0
+    finally:
+        stream.close()
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -224,8 +334,6 @@ def apply_calibrator(ds, cal, out: Path, *, kind: str = "probabilities", dtype: 
     `cal=None` writes the inputs' canonical logits (or their softmax) unchanged: a plain converter, used
     by the benchmark as the no-calibrator baseline.
     """
-    import torch
-
     if kind not in OUTPUT_KINDS:
         raise InputError(f"--output-kind must be one of {', '.join(OUTPUT_KINDS)}, not {kind!r}")
     if dtype not in OUTPUT_DTYPES:
@@ -234,7 +342,6 @@ def apply_calibrator(ds, cal, out: Path, *, kind: str = "probabilities", dtype: 
     protected = [Path(calibrator_path)] if calibrator_path is not None else []
     fmt = check_destination(out, list(ds.paths), protected, overwrite)
     np_dtype = OUTPUT_DTYPES[dtype]
-    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
     opts = ds.options
     method = (calibrator_info or {}).get("method") or (cal.name if cal is not None else "none")
     digest = _file_sha256(Path(calibrator_path)) if calibrator_path is not None else None
@@ -252,39 +359,20 @@ def apply_calibrator(ds, cal, out: Path, *, kind: str = "probabilities", dtype: 
     try:
         writer = WriteBehind(writer_depth)
         targets = _create_outputs(ds, output, arrays, case_groups, inputs, writer, kind, np_dtype, common)
-        units: list = []
-        unit_pos = pending = 0
-        unit_buffer: Optional[np.ndarray] = None
-        current_case = -1
-        kernels = _uses_kernels(ds)
-        stream = ds.stream(with_labels=False, keep_float16=_reads_float16(cal, kind, ds))
-        for block in stream:
-            case = ds.cases[block.case_index]
-            if block.case_index != current_case:  # blocks follow ds.plan(case) unit by unit, in order
-                current_case, units, unit_pos, pending = block.case_index, ds.plan(block.case_index), 0, 0
-            unit = units[unit_pos]
-            result = calibrated_output(cal, block.logits, kind, case.stored_classes == 1, torch_dtype, kernels)
-            result = result.cpu().numpy().reshape(result.shape[0], *block.shape)
-            if case.class_axis != 0:
-                result = np.moveaxis(result, 0, case.class_axis)
-            if len(unit.blocks) == 1:
-                data = result
-            else:  # a storage chunk larger than a block: assemble the whole chunk, write it once
-                if pending == 0:
-                    shape = list(region_shape(unit.region))
-                    shape.insert(case.class_axis, result.shape[case.class_axis])
-                    unit_buffer = np.empty(shape, dtype=np_dtype)
-                local = [slice(b.start - u.start, b.stop - u.start) for b, u in zip(block.region, unit.region)]
-                local.insert(case.class_axis, slice(None))
-                unit_buffer[tuple(local)] = result
-                pending += 1
-                data = unit_buffer if pending == len(unit.blocks) else None
-            if data is not None:
-                writer.submit(_write, targets[block.case_index], case.logits_index(unit.region), data)
-                unit_pos, pending, unit_buffer = unit_pos + 1, 0, None
-            voxels += block.num_voxels
+        scale = _torch_free_scale(ds, cal, kind)
+        if scale is not None:
+            stream = _softmax_units(ds, scale, np_dtype)
+        else:
+            if isinstance(cal, SoftmaxScale):  # read without torch, but the run needs the engine after all
+                from segcal_cli.calibrators import get_method
+
+                cal = get_method("ts").from_parameters(cal.num_classes, {"temperature": cal.temperature})
+            stream = _calibrated_units(ds, cal, kind, dtype, np_dtype)
+        for case_index, unit, data, unit_voxels in stream:
+            writer.submit(_write, targets[case_index], ds.cases[case_index].logits_index(unit.region), data)
+            voxels += unit_voxels
             if on_progress is not None:
-                on_progress(block.num_voxels)
+                on_progress(unit_voxels)
         stream.close()
         stream = None
         writer.finish()

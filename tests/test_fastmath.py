@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(fastmath.kernels() is None, reason=f"numba kerne
 def _apply_scalar(name: str, values: np.ndarray, out_dtype) -> np.ndarray:
     from numba import njit
 
-    fn = fastmath.kernels()[name]
+    fn = getattr(fastmath, name)
 
     @njit
     def run(a, o):
@@ -43,13 +43,39 @@ def test_exp_is_within_two_ulp_on_its_domain():
     assert np.all(below == np.float32(np.exp(np.float64(-87.0))).astype(np.float32)) or np.all(below < 1.7e-38)
 
 
-def test_float16_rounding_equals_numpy():
+@pytest.mark.parametrize("name", ["half_bits_of_unit", "_soft_half_bits_of_unit"])
+def test_float16_rounding_equals_numpy(name):
+    """The F16C instruction (HARDWARE_HALF) and the arithmetic used without it round as numpy does."""
     rng = np.random.default_rng(1)
     p = np.concatenate([rng.random(500_000), rng.random(200_000) * 1e-4, rng.random(50_000) * 1e-7,
                         [0.0, 1.0, 2.0 ** -14, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 1 - 2.0 ** -12,
                          1 - 2.0 ** -11, np.nextafter(2.0 ** -14, 0)]]).astype(np.float32)
-    got = _apply_scalar("half_bits_of_unit", p, np.uint16)
+    got = _apply_scalar(name, p, np.uint16)
     np.testing.assert_array_equal(got, p.astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("name", ["half_bits_to_float", "_soft_half_bits_to_float",
+                                  "finite_half_bits_to_float", "_soft_finite_half_bits_to_float"])
+def test_float16_to_float32_is_exact_for_every_value(name):
+    bits = np.arange(65536, dtype=np.uint16)
+    expected = bits.view(np.float16).astype(np.float32)
+    finite = np.isfinite(expected)
+    if "finite" in name:
+        bits, expected = bits[finite], expected[finite]
+    got = _apply_scalar(name, bits, np.float32)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+    assert np.isnan(got[nan]).all()
+
+
+def test_this_machine_converts_float16_in_hardware():
+    """Every x86-64 CPU since 2012 has F16C; CI machines do. Without it the kernels still work (the arithmetic
+    versions above), slower."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("F16C is an x86 extension")
+    assert fastmath.HARDWARE_HALF
 
 
 @pytest.mark.parametrize("classes,voxels", [(2, 1), (5, 513), (19, 3000), (40, 1024)])

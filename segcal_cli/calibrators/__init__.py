@@ -3,39 +3,48 @@
     from segcal_cli.calibrators import get_method, METHODS, load_artifact, save_artifact
     cal = get_method("ts").from_parameters(19, {"temperature": 1.7})
     calibrated_logits = cal.forward(logits)          # (C, n) -> (C, n)
+
+The names below are imported on first use (PEP 562), so that `segcal_cli.calibrators.softmax_scale`, which
+reads temperature-scaling artifacts without torch for `segcal apply`, does not import torch with its package.
 """
 
-from segcal_cli.calibrators.affine import (
-    DirichletCalibration,
-    MatrixScaling,
-    MatrixScalingTI,
-    VectorScaling,
-    VectorScalingTI,
-)
-from segcal_cli.calibrators.artifact import FORMAT, SCHEMA_VERSION, build_payload, load_artifact, save_artifact
-from segcal_cli.calibrators.base import Calibrator, Properties
-from segcal_cli.calibrators.experts import ArgmaxPreservingExperts, ClassConditionalDirichlet, OrderPreservingExperts
-from segcal_cli.calibrators.registry import METHODS, get_method
-from segcal_cli.calibrators.scaling import EnsembleTemperatureScaling, TemperatureScaling
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "get_method",
-    "load_artifact",
-    "save_artifact",
-    "build_payload",
-    "FORMAT",
-    "SCHEMA_VERSION",
-    "Calibrator",
-    "Properties",
-    "TemperatureScaling",
-    "EnsembleTemperatureScaling",
-    "VectorScaling",
-    "VectorScalingTI",
-    "MatrixScaling",
-    "MatrixScalingTI",
-    "DirichletCalibration",
-    "ClassConditionalDirichlet",
-    "ArgmaxPreservingExperts",
-    "OrderPreservingExperts",
-]
+import importlib
+
+_EXPORTS = {
+    "METHODS": "registry",
+    "get_method": "registry",
+    "load_artifact": "artifact",
+    "save_artifact": "artifact",
+    "build_payload": "artifact",
+    "FORMAT": "artifact",
+    "SCHEMA_VERSION": "artifact",
+    "Calibrator": "base",
+    "Properties": "base",
+    "TemperatureScaling": "scaling",
+    "EnsembleTemperatureScaling": "scaling",
+    "VectorScaling": "affine",
+    "VectorScalingTI": "affine",
+    "MatrixScaling": "affine",
+    "MatrixScalingTI": "affine",
+    "DirichletCalibration": "affine",
+    "ClassConditionalDirichlet": "experts",
+    "ArgmaxPreservingExperts": "experts",
+    "OrderPreservingExperts": "experts",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -72,9 +72,9 @@ def apply_command(
     """
     from pathlib import Path
 
-    from segcal_cli.calibrators import load_artifact
+    from segcal_cli.calibrators.softmax_scale import read_softmax_scale
     from segcal_cli.io import open_dataset
-    from segcal_cli.applying import apply_calibrator
+    from segcal_cli.applying import apply_calibrator, torch_free_possible
     from segcal_cli.io.writers import OUTPUT_DTYPES, OUTPUT_KINDS, output_format
     from segcal_cli.errors import InputError
     from segcal_cli.report.apply import progress, render_summary
@@ -89,8 +89,14 @@ def apply_command(
     opts = data_options(logits_key, labels_key, mask_key, class_axis, input_kind, ignore_index, device, chunk_voxels)
     console = human_console(json_to_stdout=json_out == "-")
     with open_dataset(data, opts, require_labels=False) as ds:
-        cal, info = load_artifact(calibrator, expect_classes=ds.num_classes)
-        cal.to(ds.device)
+        # a temperature scaling applied on the CPU needs no torch (applying.py, "the torch-free path")
+        loaded = read_softmax_scale(calibrator, ds.num_classes) if torch_free_possible(ds, output_kind) else None
+        if loaded is None:
+            from segcal_cli.calibrators import load_artifact
+
+            loaded = load_artifact(calibrator, expect_classes=ds.num_classes)
+            loaded[0].to(ds.device)
+        cal, info = loaded
         try:
             with _sigterm_as_interrupt(), progress(console, ds.total_voxels, quiet) as advance:
                 result = apply_calibrator(ds, cal, Path(out), kind=output_kind, dtype=dtype, overwrite=overwrite,
