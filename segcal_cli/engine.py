@@ -1,8 +1,10 @@
 """The streaming engine: stored read units -> validated float32 logit blocks on the device.
 
-A background thread reads the next unit(s) from storage (and pins them on CUDA) while the consumer works
-on the current block; decoding in h5py / numcodecs and torch kernels both release the GIL, so reading and
-compute overlap. Conversion happens on the device: float16 crosses PCIe at half the bytes.
+Two read threads (Dataset.iter_raw's pool) each read a unit and turn it into validated blocks while the
+consumer works on the current one; direct HDF5 reads, numcodecs decoding, the numba kernels and torch kernels
+release the GIL, so reading, conversion and compute overlap. On CUDA the read threads pin the stored arrays
+and one converter thread moves them to the device, where conversion happens: float16 crosses PCIe at half
+the bytes.
 
 Per block the engine:
 * moves the class axis first and flattens space (C order) -> (C, n);
