@@ -64,15 +64,15 @@ _STOP = object()
 _worker = threading.local()
 
 
-def _single_threaded(fn, *args):
-    """fn(*args) with torch limited to one thread in this (pool) thread. torch's thread count is per calling
+def _single_threaded(fn):
+    """fn() with torch limited to one thread in this (pool) thread. torch's thread count is per calling
     thread; the conversions are memory-bound, and one thread each leaves the other cores to the consumer's
     team instead of oversubscribing them, which on a busy 2-core machine made every parallel region wait for
     descheduled threads (5-10x slower)."""
     if not getattr(_worker, "single_threaded", False):
         torch.set_num_threads(1)
         _worker.single_threaded = True
-    return fn(*args)
+    return fn()
 
 
 class _Prefetcher:
@@ -361,7 +361,7 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
         units = iter(stages[0])
     else:
         units = dataset.iter_raw(cases, with_labels=with_labels, workers=READ_WORKERS, ahead=prefetch,
-                                 then=lambda raw: _single_threaded(convert, prepare(raw)))
+                                 then=lambda raw: _single_threaded(lambda: convert(prepare(raw))))
     case_has_valid = False
     try:
         for unit in units:
