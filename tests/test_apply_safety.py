@@ -123,10 +123,22 @@ def slow_case(tmp_path_factory):
     return directory, src, Path(cal_path)
 
 
-def _start(cal_path, src, out):
+@pytest.fixture(scope="module")
+def slow_torch_free_case(tmp_path_factory):
+    """A temperature scaling (the torch-free path with SEGCAL_NUMBA=1) over many one-chunk units."""
+    directory = tmp_path_factory.mktemp("slow_ts")
+    logits = np.random.default_rng(2).normal(size=(C, 160, 48, 48)).astype(np.float16)
+    src = write_h5(directory / "big.h5", {"logits": logits}, {"logits": (C, 1, 8, 8)})
+    cal_path = save_artifact(get_method("ts").from_parameters(C, {"temperature": torch.tensor(1.4)}),
+                             directory / "ts.json", {})
+    return directory, src, Path(cal_path)
+
+
+def _start(cal_path, src, out, chunk_voxels=128, env=None):
     cmd = [sys.executable, "-m", "segcal_cli", "apply", str(cal_path), str(src), "-o", str(out), "--quiet",
-           "--device", "cpu", "--chunk-voxels", "128"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "--device", "cpu", "--chunk-voxels", str(chunk_voxels)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
 
 
 def _wait_for_temporary(proc, directory: Path, name: str, timeout: float = 60.0) -> None:
@@ -151,6 +163,21 @@ def test_clean_interrupt_leaves_no_output_and_no_temporary(slow_case, sig, code,
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
+    assert not out.exists()
+    assert not [p for p in directory.iterdir() if ".segcal-" in p.name], _listing(directory)
+    assert file_digest(src) == digest
+
+
+def test_clean_interrupt_of_the_torch_free_path(slow_torch_free_case):
+    """SIGINT while the read threads compute the softmax: they stop, nothing is left."""
+    directory, src, cal_path = slow_torch_free_case
+    digest = file_digest(src)
+    out = directory / "out.h5"
+    proc = _start(cal_path, src, out, chunk_voxels=64, env={"SEGCAL_NUMBA": "1"})
+    _wait_for_temporary(proc, directory, out.name)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
     assert not out.exists()
     assert not [p for p in directory.iterdir() if ".segcal-" in p.name], _listing(directory)
     assert file_digest(src) == digest

@@ -104,6 +104,30 @@ def test_unallocated_chunks_and_off_grid_reads_fall_back(tmp_path):
         np.testing.assert_array_equal(read((slice(None), slice(3, 20), slice(5, 9))), array[:, 3:20, 5:9])
 
 
+@pytest.mark.parametrize("index_limit", [0, 1 << 16])
+def test_chunk_addresses_from_the_index_or_per_chunk_read_the_same(tmp_path, monkeypatch, index_limit):
+    """The reader asks HDF5 for the whole chunk index once (up to INDEX_LIMIT chunks), else per chunk; an
+    unallocated chunk is missing from the index and falls back to h5py either way. One reader (and one index)
+    per dataset and container, shared by every case of a batched array."""
+    monkeypatch.setattr(DirectChunkReader, "INDEX_LIMIT", index_limit)
+    data = RNG.normal(size=(3, 4, 40, 40)).astype(np.float16)
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("logits", shape=data.shape, dtype=data.dtype, chunks=(1, 4, 16, 16), fillvalue=2.0)
+        ds[0] = data[0]
+        ds[2, :, :16] = data[2, :, :16]  # case 1 and most of case 2 never written
+    with Container(path) as container:
+        array = container.get_array("logits")
+        read = container.reader(array)
+        assert container.reader(array).__self__ is read.__self__
+        reader = read.__self__
+        for index in _case_indices(data.shape, (1, 4, 16, 16), 0, True, 256):
+            np.testing.assert_array_equal(read(index), array[index])
+        assert (reader._index is False) == (index_limit == 0)
+        if index_limit:
+            assert len(reader._index) == 9 + 3  # case 0 whole, case 2's first row of chunks
+
+
 def test_a_short_read_falls_back_to_h5py(tmp_path):
     """Bytes missing where HDF5 says a chunk is (a truncated file): the direct reader does not return a
     partly filled array, it hands the read to h5py (which then reads or reports the file)."""

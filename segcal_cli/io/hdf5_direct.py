@@ -153,8 +153,9 @@ class DirectChunkReader(_ChunkLayout):
     `fd` is a read-only descriptor of the dataset's file, owned by the caller (Container)."""
 
     # Up to this many chunks, the reader asks HDF5 for every chunk's address once (H5Dchunk_iter: 2 ms for the
-    # 800 chunks of the benchmark's logits) instead of once per chunk per read (13 us each, GIL held).
-    INDEX_LIMIT = 1 << 20
+    # 800 chunks of the benchmark's logits) instead of once per chunk per read (13 us each, GIL held). The
+    # index costs ~250 bytes a chunk, so it stays below ~16 MB; datasets with more chunks are asked per chunk.
+    INDEX_LIMIT = 1 << 16
 
     def __init__(self, dataset, fd: int):
         super().__init__(dataset, fd)
