@@ -153,31 +153,21 @@ def _wait_for_temporary(proc, directory: Path, name: str, timeout: float = 60.0)
     raise AssertionError("the run never started writing")
 
 
-@pytest.mark.parametrize("sig,code,suffix", [(signal.SIGINT, 130, ".h5"), (signal.SIGTERM, 143, ".zarr")])
-def test_clean_interrupt_leaves_no_output_and_no_temporary(slow_case, sig, code, suffix):
-    directory, src, cal_path = slow_case
+@pytest.mark.parametrize("case,sig,code,suffix,chunk_voxels,env", [
+    ("slow_case", signal.SIGINT, 130, ".h5", 128, None),
+    ("slow_case", signal.SIGTERM, 143, ".zarr", 128, None),
+    # SIGINT while the read threads compute the softmax of the torch-free path: they stop, nothing is left
+    ("slow_torch_free_case", signal.SIGINT, 130, ".h5", 64, {"SEGCAL_NUMBA": "1"}),
+])
+def test_clean_interrupt_leaves_no_output_and_no_temporary(request, case, sig, code, suffix, chunk_voxels, env):
+    directory, src, cal_path = request.getfixturevalue(case)
     digest = file_digest(src)
     out = directory / f"out_{sig.name}{suffix}"
-    proc = _start(cal_path, src, out)
+    proc = _start(cal_path, src, out, chunk_voxels, env)
     _wait_for_temporary(proc, directory, out.name)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
-    assert not out.exists()
-    assert not [p for p in directory.iterdir() if ".segcal-" in p.name], _listing(directory)
-    assert file_digest(src) == digest
-
-
-def test_clean_interrupt_of_the_torch_free_path(slow_torch_free_case):
-    """SIGINT while the read threads compute the softmax: they stop, nothing is left."""
-    directory, src, cal_path = slow_torch_free_case
-    digest = file_digest(src)
-    out = directory / "out.h5"
-    proc = _start(cal_path, src, out, chunk_voxels=64, env={"SEGCAL_NUMBA": "1"})
-    _wait_for_temporary(proc, directory, out.name)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
     assert not out.exists()
     assert not [p for p in directory.iterdir() if ".segcal-" in p.name], _listing(directory)
     assert file_digest(src) == digest
