@@ -123,10 +123,11 @@ def _reads_float16(cal, kind: str, ds) -> bool:
 # the numba kernel straight from the stored numpy arrays of each read unit, in the read pool's threads
 # (Dataset.iter_raw), so reading and the softmax use both cores and torch is never imported (commands/apply.py
 # reads the artifact with calibrators/softmax_scale.py). On this project's 2-core machine the CLI applying
-# `ts` to the 2 GB benchmark file went from 6.2-6.6 s to 3 s, 1.3-1.9 s of which had been importing torch
+# `ts` to the 2 GB benchmark file went from 6.2-6.6 s to 2.8 s, 1.3-1.9 s of which had been importing torch
 # (benchmarks/bench_apply.py). Results are bit-identical to the kernel path through the engine (tested).
 
 _GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/kfd")
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32))
 
 
 def _surely_cpu(device: str) -> bool:
@@ -153,11 +154,8 @@ def torch_free_possible(ds, kind: str) -> bool:
 
     if fastmath.kernels() is None:
         return False
-    # the kernel reads float16 with the two-operation conversion, exact unless subnormals are flushed
+    # float16 is read by finite_half_bits_to_float: exact with F16C; without it, unless subnormals are flushed
     return not any(np.dtype(c.dtype) == np.float16 for c in ds.cases) or fastmath.finite_half_conversion_is_exact()
-
-
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32))
 
 
 def _torch_free_scale(ds, cal, kind: str) -> Optional[float]:

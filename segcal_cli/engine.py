@@ -342,7 +342,8 @@ def stream_blocks(dataset: Dataset, cases: Sequence[int] | None = None, *, with_
     if keep_float16 and kernels is not None:
         from segcal_cli.fastmath import finite_half_conversion_is_exact
 
-        # consumers convert kept float16 with the two-operation form, exact unless subnormals are flushed
+        # consumers convert kept float16 with finite_half_bits_to_float: exact with F16C; without it, exact
+        # unless the CPU flushes subnormals
         keep_float16 = finite_half_conversion_is_exact()
     # the reader stage: pinning on CUDA (labels are checked on the device), the labels themselves on the CPU
     if device.type == "cuda":
