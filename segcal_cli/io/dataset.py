@@ -96,10 +96,10 @@ class Dataset:
         `workers + ahead` units in flight, and `then` runs in the worker that read the unit: a consumer that
         converts what it reads gets the conversion spread over the pool too. Direct HDF5 reads and torch
         / numba kernels release the GIL, so two workers use two cores: on this project's 2-core machine the
-        read-and-convert of the 2 GB benchmark file went from 0.98 s in one thread to 0.51-0.60 s in two
-        (`benchmarks/bench_stream.py`), where one reader thread feeding one converter thread was bound by
-        the converter. Results arrive in order and the first error, in that order, is raised. A container
-        is closed once no read of it is pending.
+        engine's stream of the 2 GB benchmark file took 1.0-1.1 s with one worker and 0.62-0.65 s with two;
+        one reader thread feeding one converter thread, the design before, took 0.74-1.05 s, bound by the
+        converter. Results arrive in order and the first error, in that order, is raised. A container is
+        closed once no read of it is pending.
         """
         indices = list(range(len(self.cases)) if case_indices is None else case_indices)
         pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="segcal-read") \
