@@ -19,7 +19,8 @@ app = typer.Typer(
     help="Post-hoc calibration for semantic segmentation: fit, apply, evaluate and audit calibrators "
     "on logits streamed from HDF5 and Zarr.",
     epilog="Speed switches (environment): large CPU runs use numba kernels and read uncompressed HDF5 "
-    "directly; SEGCAL_NUMBA=0|1 turns the numba softmax and float16 kernels off or on at any size, "
+    "directly; SEGCAL_NUMBA=0|1 turns the numba softmax and float16 kernels (and with them apply's "
+    "torch-free path for temperature scaling) off or on at any size, "
     "SEGCAL_FUSED=0|1 the fused evaluate kernel, SEGCAL_COMPILE=0|1 evaluate's torch.compile path.",
     no_args_is_help=True,
     add_completion=False,

@@ -26,6 +26,14 @@ def test_help_names_the_speed_switches():
     assert out.returncode == 0
     for switch in ("SEGCAL_NUMBA", "SEGCAL_FUSED", "SEGCAL_COMPILE"):
         assert switch in out.stdout, switch
+    assert "torch-free" in " ".join(out.stdout.split())
+
+
+def test_apply_help_says_when_it_runs_without_torch():
+    out = run("apply", "--help", env={"COLUMNS": "200", "PATH": ""})
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "runs without torch" in text and "SEGCAL_NUMBA=0" in text
 
 
 def test_help_lists_every_command():

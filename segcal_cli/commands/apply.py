@@ -69,6 +69,10 @@ def apply_command(
     copies of labels and mask, so it is valid DATA for `segcal evaluate --input-kind probs --logits-key
     probabilities`. OUT is built under a temporary name and renamed when complete: an interrupted run leaves
     no OUT. Inputs are only read.
+
+    A temperature scaling (JSON artifact) applied on the CPU to large float16/float32 data stored classes
+    first runs without torch: a numba softmax of each stored chunk, in two read threads (SEGCAL_NUMBA=0:
+    the torch path, same probabilities to float32 rounding).
     """
     from pathlib import Path
 
