@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -140,7 +141,8 @@ def run_reader(kind: str, path: Path, chunk_voxels: int | None) -> int:
     raise ValueError(kind)
 
 
-def timed_rounds(kinds: list[str], path: Path, chunk_voxels: int | None, repeat: int) -> dict[str, list[float]]:
+def timed_rounds(kinds: list[str], path: Path, chunk_voxels: int | None,
+                 repeat: int) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Seconds per reader per round; each round runs every reader once, so a drift in the machine's speed
     (this project's VMs drift by 15-30% over a minute) hits every reader alike instead of the last ones."""
     seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -234,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             if voxels != counts["plain"]:
                 raise SystemExit(f"voxel counts differ: plain {counts['plain']} {kind} {voxels}")
             # the ratio of the bests, and the median over rounds of the ratio within a round
-            per_round = sorted(t / p for t, p in zip(rounds[kind], rounds["plain"]))
-            median = per_round[len(per_round) // 2] if len(per_round) % 2 else \
-                (per_round[len(per_round) // 2 - 1] + per_round[len(per_round) // 2]) / 2
+            median = statistics.median(t / p for t, p in zip(rounds[kind], rounds["plain"]))
             row[kind] = {"seconds": seconds, "gb_per_s": nbytes / 1e9 / seconds, "mvox_per_s": voxels / 1e6 / seconds,
                          "voxels": voxels, "rounds": rounds[kind], "median_time_ratio": median}
             r = row[kind]
