@@ -196,3 +196,14 @@ def test_nonfinite_logits_are_refused_with_their_count(tmp_path):
     assert "3 NaN or Inf" in done.stderr and "bad.h5" in done.stderr
     assert "TORCH False" in done.stdout
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5", "ts.json"]
+
+
+def test_auto_device_is_the_cpu_only_without_a_gpu_driver(tmp_path, monkeypatch):
+    """--device auto takes the torch-free path only where torch could not find a GPU: no driver files."""
+    monkeypatch.setattr(applying, "_GPU_DRIVERS", (str(tmp_path / "no-such-driver"),))
+    assert applying._surely_cpu("auto") and applying._surely_cpu("cpu")
+    (tmp_path / "nvidia").mkdir()
+    monkeypatch.setattr(applying, "_GPU_DRIVERS", (str(tmp_path / "no-such-driver"), str(tmp_path / "nvidia")))
+    assert not applying._surely_cpu("auto")
+    assert applying._surely_cpu("cpu")
+    assert not applying._surely_cpu("cuda") and not applying._surely_cpu("cuda:0")
