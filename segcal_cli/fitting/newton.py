@@ -38,8 +38,8 @@ from typing import List
 import numpy as np
 import torch
 
-from segcal_cli.calibrators.base import class_sum
-from segcal_cli.fitting.objective import MARGIN_FLOOR, Parametrisation, penalty
+from segcal_cli.fitting.objective import (MARGIN_FLOOR, Parametrisation, _softmax_dense, _softmax_top_zero,
+                                          penalty)
 from segcal_cli.fitting.solvers import FTOL, GTOL, SolverResult
 
 EXPERT_FAMILIES = ("cdc", "cms-ap", "cms-op")
@@ -128,26 +128,17 @@ def _expert_terms(model: _ExpertModel, theta_k: torch.Tensor, x: torch.Tensor, l
     K, d = model.K, model.d
     params = theta_k.reshape(K, d + 1)
     u = torch.addmm(params[:, d : d + 1], params[:, :d], x)  # (K, n)
-    n = labels.numel()
-    idx = torch.arange(n, device=labels.device)
+    idx = torch.arange(labels.numel(), device=labels.device)
+    # the objective's own softmax helpers; the softmax q is kept for the Hessian, the residual is a copy
     if model.name == "cdc":
-        picked = u.gather(0, labels.unsqueeze(0)).squeeze(0)
-        top = u.max(0).values
-        e = (u - top).exp_()
-        total = class_sum(e).squeeze(0)
-        nll = (total.log() + top - picked).sum()
-        q = e.div_(total)
+        nll, q = _softmax_dense(u, labels)
         residual = q.clone()
         residual[labels, idx] -= 1.0
         grad_u = residual
     else:
         tail = u if model.name == "cms-ap" else model.output_map.to(u) @ u  # >= 0: logits [0; -tail]
+        nll, q = _softmax_top_zero(tail, labels)
         off_top = labels > 0
-        picked = tail.gather(0, (labels - 1).clamp_min(0).unsqueeze(0)).squeeze(0) * off_top
-        e = tail.neg().exp_()
-        total = class_sum(e).squeeze(0) + 1.0
-        nll = (total.log() + picked).sum()
-        q = e.div_(total)
         residual = q.clone()
         residual[labels[off_top] - 1, idx[off_top]] -= 1.0
         grad_u = -residual if model.name == "cms-ap" else -(model.output_map.to(u).T @ residual)

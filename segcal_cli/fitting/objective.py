@@ -226,32 +226,42 @@ class Parametrisation:
 # ----------------------------------------------------------------------------------------------- objective
 
 
-def _residual_dense(g: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """NLL sum and the residual softmax(g) - onehot(y) for logits g (K, n); g is overwritten."""
-    n = labels.numel()
+def _softmax_dense(g: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """NLL sum and softmax(g) for logits g (K, n); g is overwritten (and holds the softmax)."""
     picked = g.gather(0, labels.unsqueeze(0)).squeeze(0)
     top = g.max(0).values
     e = g.sub_(top).exp_()
     total = class_sum(e).squeeze(0)
     nll = (total.log() + top - picked).sum()
-    residual = e.div_(total)
-    residual[labels, torch.arange(n, device=labels.device)] -= 1.0
+    return nll, e.div_(total)
+
+
+def _residual_dense(g: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """NLL sum and the residual softmax(g) - onehot(y) for logits g (K, n); g is overwritten."""
+    nll, residual = _softmax_dense(g, labels)
+    residual[labels, torch.arange(labels.numel(), device=labels.device)] -= 1.0
     return nll, residual
 
 
-def _residual_top_zero(tail: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """As _residual_dense for logits [0; -tail] with tail >= 0 (the top row is 0, the maximum: no shift).
+def _softmax_top_zero(tail: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """As _softmax_dense for logits [0; -tail] with tail >= 0 (the top row is 0, the maximum: no shift).
 
-    Returns the NLL sum and the residual of the tail rows only (the top row's is not needed).
+    Returns the NLL sum and the softmax of the tail rows only (the top row's is not needed); tail is
+    overwritten.
     """
-    n = labels.numel()
     off_top = labels > 0
     picked = tail.gather(0, (labels - 1).clamp_min(0).unsqueeze(0)).squeeze(0) * off_top  # h_y (0 at the top)
     e = tail.neg_().exp_()
     total = class_sum(e).squeeze(0) + 1.0
     nll = (total.log() + picked).sum()
-    residual = e.div_(total)
-    idx = torch.arange(n, device=labels.device)
+    return nll, e.div_(total)
+
+
+def _residual_top_zero(tail: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """As _residual_dense for logits [0; -tail]: the NLL sum and the residual of the tail rows only."""
+    nll, residual = _softmax_top_zero(tail, labels)
+    off_top = labels > 0
+    idx = torch.arange(labels.numel(), device=labels.device)
     residual[labels[off_top] - 1, idx[off_top]] -= 1.0
     return nll, residual
 
