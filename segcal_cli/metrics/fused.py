@@ -175,7 +175,6 @@ def _accumulate(stored, labels, valid, use_valid, start, stop, table, bins, rule
     z_label = np.empty(TILE, np.float32)
     weight = np.empty(TILE, np.float32)  # 1 for a valid voxel, else 0
     conf = np.empty(TILE, np.float32)
-    bin_index = np.empty(TILE, np.int32)
     near = np.empty(TILE, np.bool_)
     count_key = np.empty(TILE, np.int32)
     conf_key = np.empty(TILE, np.int32)
@@ -356,7 +355,6 @@ def _accumulate(stored, labels, valid, use_valid, start, stop, table, bins, rule
             any_near |= close
             g = min(g, _i32(B - 1))
             b = one_bin if c >= _ONE else g
-            bin_index[j] = b
             kept = weight[j] != _ZERO
             copy = _i32(j) & _i32(COPIES - 1)
             p = arg[j]
@@ -371,7 +369,6 @@ def _accumulate(stored, labels, valid, use_valid, start, stop, table, bins, rule
             for j in range(w):
                 if near[j] and weight[j] != _ZERO:
                     b = _bin_exact(conf[j], table, B, rule)
-                    bin_index[j] = b
                     copy = _i32(j) & _i32(COPIES - 1)
                     count_key[j] = copy * count_stride + 2 * b + _i32(arg[j] == label[j])
                     conf_key[j] = copy * nb + b
