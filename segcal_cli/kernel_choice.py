@@ -15,9 +15,10 @@ ENV_VAR = "SEGCAL_NUMBA"
 MIN_VALUES = 100_000_000
 
 
-def setting() -> Optional[bool]:
-    """SEGCAL_NUMBA as True / False, or None when unset."""
-    value = os.environ.get(ENV_VAR, "").strip().lower()
+def setting(env_var: str = ENV_VAR) -> Optional[bool]:
+    """An on/off environment switch (SEGCAL_NUMBA by default; also SEGCAL_FUSED, SEGCAL_COMPILE) as True /
+    False, or None when unset or unrecognised."""
+    value = os.environ.get(env_var, "").strip().lower()
     if value in ("0", "false", "no", "off"):
         return False
     if value in ("1", "true", "yes", "on"):
@@ -25,7 +26,8 @@ def setting() -> Optional[bool]:
     return None
 
 
-def wanted(values: int) -> bool:
-    """Whether data of `values` stored values should use the kernels (before checking that numba works)."""
-    chosen = setting()
-    return chosen if chosen is not None else values >= MIN_VALUES
+def wanted(values: int, env_var: str = ENV_VAR, min_values: int = MIN_VALUES) -> bool:
+    """Whether data of `values` stored values should use the kernels (before checking that numba works):
+    the switch `env_var` when set, else from `min_values` on."""
+    chosen = setting(env_var)
+    return chosen if chosen is not None else values >= min_values

@@ -15,7 +15,6 @@ force it. Any failure to compile (no C++ compiler, an unsupported device) falls 
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
@@ -33,14 +32,11 @@ AUTO_MIN_VOXEL_CLASSES = 4_000_000_000
 
 def compile_wanted(flag: Optional[bool], voxel_classes: int) -> bool:
     """`--compile/--no-compile` (flag), else SEGCAL_COMPILE=0/1, else by the amount of work."""
+    from segcal_cli import kernel_choice
+
     if flag is not None:
         return flag
-    env = os.environ.get(ENV_VAR, "").strip().lower()
-    if env in ("0", "false", "no", "off"):
-        return False
-    if env in ("1", "true", "yes", "on"):
-        return True
-    return voxel_classes >= AUTO_MIN_VOXEL_CLASSES
+    return kernel_choice.wanted(voxel_classes, ENV_VAR, AUTO_MIN_VOXEL_CLASSES)
 
 
 def _kernel(binner: Binner, num_classes: int, nll: bool, brier: bool, probs: bool, fine: bool) -> Callable:

@@ -48,7 +48,6 @@ kernel fails to compile, the eager path is used (Evaluation.fused_unavailable sa
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Optional
 
@@ -507,13 +506,11 @@ def _load_numba() -> Optional[str]:
 # -- the Python side -----------------------------------------------------------------------------------------
 
 
-def _env() -> str:
-    return os.environ.get(ENV_VAR, "").strip().lower()
-
-
 def disabled_by_env() -> bool:
     """SEGCAL_FUSED=0 (or false/no/off) forces the eager path."""
-    return _env() in ("0", "false", "no", "off")
+    from segcal_cli import kernel_choice
+
+    return kernel_choice.setting(ENV_VAR) is False
 
 
 def wanted(voxel_classes: int) -> bool:
@@ -521,11 +518,7 @@ def wanted(voxel_classes: int) -> bool:
     process, ~8 s to compile the very first time: the same threshold as every numba kernel, kernel_choice)."""
     from segcal_cli import kernel_choice
 
-    if disabled_by_env():
-        return False
-    if _env() in ("1", "true", "yes", "on"):
-        return True
-    return voxel_classes >= kernel_choice.MIN_VALUES
+    return kernel_choice.wanted(voxel_classes, ENV_VAR)
 
 
 def unavailable_reason() -> Optional[str]:
