@@ -77,10 +77,20 @@ def _ptable(value):
     return str(value)
 
 
+def check_destination(path, source: Optional[str] = None) -> str:
+    """The artifact kind of `path` ("json" | "pt"); InputError for another suffix or a missing directory.
+    `segcal fit` calls it before reading any data, save_artifact again before writing."""
+    path = Path(path)
+    kind = artifact_kind(path)
+    if not path.parent.is_dir():
+        raise InputError(f"output directory {str(path.parent)!r} does not exist", source=source or str(path))
+    return kind
+
+
 def save_artifact(cal: Calibrator, path, fit_info: Optional[dict] = None) -> Path:
     """Write the artifact atomically; the format follows the suffix (.json, .pt)."""
     path = Path(path)
-    kind = artifact_kind(path)
+    kind = check_destination(path)
     payload = build_payload(cal, fit_info)
     if kind == "json":
         data = (json.dumps(_jsonable(payload), indent=1, allow_nan=False) + "\n").encode()
@@ -88,9 +98,6 @@ def save_artifact(cal: Calibrator, path, fit_info: Optional[dict] = None) -> Pat
         buffer = io.BytesIO()
         torch.save(_ptable(payload), buffer)
         data = buffer.getvalue()
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise InputError(f"output directory {str(directory)!r} does not exist", source=str(path))
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return path

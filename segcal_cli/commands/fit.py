@@ -50,20 +50,15 @@ def fit_command(
     optimum of these convex problems (Newton for ts, per-expert projected Newton for cdc/cms-*, L-BFGS
     otherwise) and report a convergence certificate. Deterministic for a given --seed.
     """
-    from pathlib import Path
 
     from segcal_cli.calibrators import get_method, save_artifact
-    from segcal_cli.calibrators.artifact import artifact_kind
-    from segcal_cli.errors import InputError
+    from segcal_cli.calibrators.artifact import check_destination
     from segcal_cli.fitting import FitOptions, fit_dataset
     from segcal_cli.io import open_dataset
     from segcal_cli.report.fit import progress, render_summary
 
     get_method(method)  # unknown method: exit 2 before touching any data
-    artifact_kind(output)
-    out_dir = Path(output).parent
-    if str(out_dir) and not out_dir.is_dir():
-        raise InputError(f"output directory {str(out_dir)!r} does not exist", source=output)
+    check_destination(output, source=output)  # a bad suffix or directory: exit 2 before reading any data
     options = FitOptions(method=method, max_voxels=max_voxels, seed=seed, val_fraction=val_fraction,
                          lambda_reg=lambda_reg, mu_reg=mu_reg, max_iter=max_iter).resolved()
     opts = data_options(logits_key, labels_key, mask_key, class_axis, input_kind, ignore_index, device, chunk_voxels)
