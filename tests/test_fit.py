@@ -330,6 +330,25 @@ def test_fit_command_bad_input_exits_2_and_writes_nothing(tmp_path):
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["sparse.h5"]
 
 
+def test_a_missing_output_directory_or_bad_suffix_is_refused_before_any_read(small_file, tmp_path):
+    """artifact.check_destination: what `segcal fit` checks before reading data, and save_artifact again."""
+    from segcal_cli.calibrators import save_artifact
+    from segcal_cli.calibrators.artifact import check_destination
+
+    missing = tmp_path / "missing" / "cal.json"
+    with pytest.raises(InputError, match="output directory .*missing.* does not exist"):
+        check_destination(missing)
+    with pytest.raises(InputError, match="does not exist"):
+        save_artifact(get_method("ts").identity(3), missing)
+    with pytest.raises(InputError, match=r"\.json or \.pt"):
+        check_destination(tmp_path / "cal.txt")
+    assert check_destination(tmp_path / "cal.pt") == "pt"
+    path, _, _ = small_file
+    run = _segcal("fit", path, "--method", "ts", "-o", missing, "--device", "cpu", "--quiet")
+    assert run.returncode == 2 and "does not exist" in run.stderr and str(missing) in run.stderr, run.stderr
+    assert not missing.parent.exists()
+
+
 @pytest.mark.parametrize("method", ["ts", "vs"])
 def test_float16_data_keeps_a_float16_sample_with_the_same_fit(tmp_path, method):
     """A sampled fit of float16 logits keeps its sample as float16 (half the memory; every value is a
