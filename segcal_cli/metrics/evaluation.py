@@ -25,7 +25,7 @@ from segcal_cli.metrics import fused
 from segcal_cli.metrics.compiled import compile_wanted
 from segcal_cli.metrics.preservation import PreservationState
 from segcal_cli.metrics.state import MetricState, select_metrics
-from segcal_cli.metrics.voxels import SUB_BLOCK_VOXELS, VoxelStats, sub_blocks, voxel_stats
+from segcal_cli.metrics.voxels import SUB_BLOCK_VOXELS, VoxelStats, valid_parts, voxel_stats
 
 Calibrate = Callable[[torch.Tensor], torch.Tensor]
 
@@ -159,15 +159,10 @@ class Evaluation:
         return fused.accepts(logits)
 
     def _add_block_eager(self, states: _CaseStates, logits, labels, valid, distances) -> None:
-        n = labels.shape[0]
-        all_valid = valid is None or bool(valid.all())
         size = self.sub_block_voxels or SUB_BLOCK_VOXELS
-        for part in sub_blocks(n, size):
+        for part, keep, y_kept, d in valid_parts(labels, valid, distances, size):
             z = logits[:, part]
             y = labels[part]
-            keep = None if all_valid else valid[part].nonzero().squeeze(1)
-            y_kept = y if keep is None else y.index_select(0, keep)
-            d = None if distances is None else (distances[part] if keep is None else distances[part].index_select(0, keep))
             before = self._stats(z, y)
             states.uncalibrated.add(before.select(keep), y_kept, d)
             if self.calibrate is not None:
@@ -187,17 +182,13 @@ class Evaluation:
         kernel.add(states.uncalibrated, logits, labels, valid, pred_out=before_pred)
         if self.calibrate is None and not self._extras:
             return
-        all_valid = valid is None or bool(valid.all())
         size = self.sub_block_voxels or SUB_BLOCK_VOXELS
         extras = states.uncalibrated.extras_needs()
-        for part in sub_blocks(n, size):
+        for part, keep, y_kept, d in valid_parts(labels, valid, distances, size):
             z = logits[:, part]
             if z.dtype == torch.float16:  # the kernel read the stored float16; everything else gets float32
                 z = z.float()
             y = labels[part]
-            keep = None if all_valid else valid[part].nonzero().squeeze(1)
-            y_kept = y if keep is None else y.index_select(0, keep)
-            d = None if distances is None else (distances[part] if keep is None else distances[part].index_select(0, keep))
             if self._extras:
                 states.uncalibrated.add_extras(voxel_stats(z, y, **extras).select(keep), y_kept, d)
             if self.calibrate is None:

@@ -31,7 +31,7 @@ import torch
 from segcal_cli.metrics import adaptive
 from segcal_cli.metrics.boundary import BAND_EDGES, NUM_BANDS, ba_ece
 from segcal_cli.metrics.binning import Binner, bin_bounds
-from segcal_cli.metrics.voxels import VoxelStats, sub_blocks, voxel_stats
+from segcal_cli.metrics.voxels import VoxelStats, valid_parts, voxel_stats
 
 METRIC_NAMES = ("ece", "mce", "ace", "adaptive_ece", "classwise_ece", "nll", "brier", "accuracy", "dice_mean",
                 "iou_mean", "dice", "iou")
@@ -112,13 +112,8 @@ class MetricState:
         `distances` (n,) to the label boundary (needed when the state was made with boundary=True)."""
         if self.boundary and distances is None:
             raise ValueError("this state measures BA-ECE: pass distances")
-        all_valid = valid is None or bool(valid.all())
-        for part in sub_blocks(labels.shape[0]):
-            keep = None if all_valid else valid[part].nonzero().squeeze(1)
-            stats = voxel_stats(logits[:, part], labels[part], **self.needs()).select(keep)
-            y = labels[part] if keep is None else labels[part].index_select(0, keep)
-            d = None if distances is None else (distances[part] if keep is None else distances[part].index_select(0, keep))
-            self.add(stats, y, d)
+        for part, keep, y, d in valid_parts(labels, valid, distances):
+            self.add(voxel_stats(logits[:, part], labels[part], **self.needs()).select(keep), y, d)
 
     def add(self, stats: VoxelStats, labels: torch.Tensor, distances: torch.Tensor | None = None) -> None:
         """Add statistics of s valid voxels (see voxels.voxel_stats)."""

@@ -102,3 +102,14 @@ def sub_blocks(num_voxels: int, size: int = SUB_BLOCK_VOXELS):
     """Slices covering range(num_voxels) in pieces of at most `size`."""
     for start in range(0, num_voxels, size):
         yield slice(start, min(start + size, num_voxels))
+
+
+def valid_parts(labels, valid=None, distances=None, size: int = SUB_BLOCK_VOXELS):
+    """Per sub-block of a block: (part, keep, labels kept, distances kept). `part` slices the block; `keep`
+    indexes the valid voxels within it (None when the whole block is valid), as VoxelStats.select takes it."""
+    all_valid = valid is None or bool(valid.all())
+    for part in sub_blocks(labels.shape[0], size):
+        keep = None if all_valid else valid[part].nonzero().squeeze(1)
+        y = labels[part] if keep is None else labels[part].index_select(0, keep)
+        d = None if distances is None else (distances[part] if keep is None else distances[part].index_select(0, keep))
+        yield part, keep, y, d
