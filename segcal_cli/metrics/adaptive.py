@@ -30,7 +30,7 @@ def _bits(x: float) -> int:
 
 
 _BASE = _bits(_FLOOR) >> _SHIFT
-SHIFT, BASE, FLOOR = _SHIFT, _BASE, _FLOOR  # for the compiled copy of fine_bucket (compiled.py)
+SHIFT, BASE, FLOOR = _SHIFT, _BASE, _FLOOR  # for the numba copy of fine_bucket (fused.py)
 HALF_BUCKETS = (_bits(0.5) >> _SHIFT) - _BASE + 1
 NUM_BUCKETS = 2 * HALF_BUCKETS
 

@@ -74,19 +74,7 @@ class Binner:
 
     def index(self, values: torch.Tensor) -> torch.Tensor:
         """int64 bin indices in [0, num_bins) of values in [0, 1]."""
-        table = self.edge_table(values)
-        B = self.bins
-        guess = values.mul(B).long().clamp_(0, B - 1)  # v >= 0: truncation is floor
-        lower = table.take(guess)  # e_guess
-        upper = table.take(guess + 1)  # e_(guess+1)
-        if self.rule == "right":  # (e_i, e_(i+1)]; 0 stays in bin 0
-            idx = guess - ((values <= lower) & (guess > 0)).long() + (values > upper).long()
-        else:  # [e_i, e_(i+1)); 1.0 in the top bin
-            idx = guess - (values < lower).long() + ((values >= upper) & (guess < B - 1)).long()
-        idx.clamp_(0, B - 1)
-        if self.rule == "torchmetrics":
-            idx = torch.where(values >= 1.0, B, idx)
-        return idx
+        return bin_index(values, self.edge_table(values), self.bins, self.rule)
 
     def first_edge_exceeded(self, values: torch.Tensor) -> torch.Tensor:
         """Boolean mask of values outside bin 0 (the sparse part of classwise binning)."""
@@ -96,3 +84,19 @@ class Binner:
             return torch.zeros_like(values, dtype=torch.bool)
         first = float(self.edge_table(values)[1])
         return values > first if self.rule == "right" else values >= first
+
+
+def bin_index(values: torch.Tensor, table: torch.Tensor, bins: int, rule: str) -> torch.Tensor:
+    """Binner.index against an edge table (Binner.edge_table) given explicitly; plain torch, so the compiled
+    statistics (compiled.py) trace it as they are."""
+    guess = (values * bins).long().clamp(0, bins - 1)  # v >= 0: truncation is floor
+    lower = table[guess]  # e_guess
+    upper = table[guess + 1]  # e_(guess+1)
+    if rule == "right":  # (e_i, e_(i+1)]; 0 stays in bin 0
+        idx = guess - ((values <= lower) & (guess > 0)).long() + (values > upper).long()
+    else:  # [e_i, e_(i+1)); 1.0 in the top bin
+        idx = guess - (values < lower).long() + ((values >= upper) & (guess < bins - 1)).long()
+    idx = idx.clamp(0, bins - 1)
+    if rule == "torchmetrics":
+        idx = torch.where(values >= 1.0, bins, idx)
+    return idx

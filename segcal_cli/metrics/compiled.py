@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from segcal_cli.metrics import adaptive
-from segcal_cli.metrics.binning import Binner
+from segcal_cli.metrics.binning import Binner, bin_index
 from segcal_cli.metrics.voxels import SUB_BLOCK_VOXELS, VoxelStats
 
 ENV_VAR = "SEGCAL_COMPILE"
@@ -44,10 +44,6 @@ def _kernel(binner: Binner, num_classes: int, nll: bool, brier: bool, probs: boo
     B = binner.bins
     rule = binner.rule
     C = num_classes
-    shift = adaptive.SHIFT
-    base = adaptive.BASE
-    last = adaptive.NUM_BUCKETS - 1
-    floor = adaptive.FLOOR
 
     def stats(z: torch.Tensor, y: torch.Tensor, table: torch.Tensor):
         top = z.amax(0)
@@ -66,23 +62,9 @@ def _kernel(binner: Binner, num_classes: int, nll: bool, brier: bool, probs: boo
             out.append(((e * e).sum(0) * conf - 2.0 * e_label) * conf + 1.0)
         if probs:
             out.append(e * conf)
-        # reliability bin (binning.Binner.index)
-        guess = (conf * B).long().clamp(0, B - 1)
-        lower = table[guess]
-        upper = table[guess + 1]
-        if rule == "right":
-            idx = guess - ((conf <= lower) & (guess > 0)).long() + (conf > upper).long()
-        else:
-            idx = guess - (conf < lower).long() + ((conf >= upper) & (guess < B - 1)).long()
-        idx = idx.clamp(0, B - 1)
-        if rule == "torchmetrics":
-            idx = torch.where(conf >= 1.0, B, idx)
-        out.append(idx)
-        if fine:  # adaptive.fine_bucket
-            high = conf >= 0.5
-            u = torch.where(high, 1.0 - conf, conf).clamp(min=floor)
-            mag = (u.view(torch.int32) >> shift).long() - base
-            out.append(torch.where(high, last - mag, mag))
+        out.append(bin_index(conf, table, B, rule))  # the reliability bin, as binning.Binner.index
+        if fine:
+            out.append(adaptive.fine_bucket(conf))
         return tuple(out)
 
     return stats
