@@ -62,19 +62,26 @@ except Exception as err:  # not installed or broken: every caller has a torch pa
     _error = f"{type(err).__name__}: {err}"
 
 
-def _jit(**options):
-    """numba.njit with this module's settings; compiled code cached on disk (module-level functions only:
-    numba cannot cache closures, which compiled again in every process: 1.6 s per run)."""
+def jit(**options):
+    """numba.njit with the settings of every segcal kernel (this module's and metrics/fused.py's): only
+    "contract" fastmath, numpy's error model, no bounds checks; compiled code cached on disk (module-level
+    functions only: numba cannot cache closures, which compiled again in every process: 1.6 s per run), or
+    compiled in every process where no cache directory is writable (numba refuses cache=True there)."""
     if njit is None:
         return lambda fn: None
-    options = dict(fastmath={"contract"}, error_model="numpy", boundscheck=False, cache=True, **options)
-    return njit(**options)
+    options = dict(fastmath={"contract"}, error_model="numpy", boundscheck=False, **options)
+
+    def decorate(fn):
+        try:
+            return njit(cache=True, **options)(fn)
+        except RuntimeError:
+            return njit(cache=False, **options)(fn)
+
+    return decorate
 
 
 
-
-
-@_jit(inline="always")
+@jit(inline="always")
 def exp_nonpositive(x):
     """float32 exp(x) for x <= 0 (x < -87 gives exp(-87)); exp(0) = 1 exactly."""
     x = x if x > _EXP_FLOOR else _EXP_FLOOR
@@ -92,7 +99,47 @@ def exp_nonpositive(x):
     # t = 1.5 * 2^23 + n: its low bits hold n, so (bits of t) << 23 adds n to p's exponent
     return np.int32(np.float32(p).view(np.int32) + (np.float32(t).view(np.int32) << _i32(23))).view(np.float32)
 
-@_jit(inline="always")
+# log(x), x normal and > 0 (Cephes logf): x = 2^e m, m in [sqrt(1/2), sqrt(2)), log(1 + f) by a polynomial
+# (evaluate's NLL, metrics/fused.py).
+_SQRT_HALF = _f32(0.707106781186547524)
+_HALF = _f32(0.5)
+_L0 = _f32(7.0376836292e-2)
+_L1 = _f32(-1.1514610310e-1)
+_L2 = _f32(1.1676998740e-1)
+_L3 = _f32(-1.2420140846e-1)
+_L4 = _f32(1.4249322787e-1)
+_L5 = _f32(-1.6668057665e-1)
+_L6 = _f32(2.0000714765e-1)
+_L7 = _f32(-2.4999993993e-1)
+_L8 = _f32(3.3333331174e-1)
+
+
+@jit(inline="always")
+def log_positive(x):
+    """float32 log(x) for a positive normal x."""
+    bits = np.float32(x).view(np.int32)
+    e = _i32((bits >> _i32(23)) - _i32(126))
+    m = np.int32((bits & _i32(0x007FFFFF)) | _i32(0x3F000000)).view(np.float32)  # [1/2, 1)
+    small = m < _SQRT_HALF
+    f = (m + m - _ONE) if small else (m - _ONE)
+    ef = _f32(e - _i32(1)) if small else _f32(e)
+    z = f * f
+    y = _L0
+    y = y * f + _L1
+    y = y * f + _L2
+    y = y * f + _L3
+    y = y * f + _L4
+    y = y * f + _L5
+    y = y * f + _L6
+    y = y * f + _L7
+    y = y * f + _L8
+    y = y * f * z
+    y = y - ef * _LN2_LO_NEG
+    y = y - _HALF * z
+    return (f + y) + ef * _LN2_HI
+
+
+@jit(inline="always")
 def _soft_half_bits_of_unit(p):
     """IEEE float16 bits of a float32 p in [0, 1], rounded to nearest even (as torch / numpy round), in
     float32 / int32 arithmetic (CPUs without F16C)."""
@@ -105,7 +152,7 @@ def _soft_half_bits_of_unit(p):
 _TWO_M24 = _f32(2.0 ** -24)
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def _soft_half_bits_to_float(h):
     """float32 value of the float16 whose bits are h (an integer). Exact (every float16 is a float32), with
     no denormal arithmetic (a float16 subnormal is its 10-bit integer times 2^-24, a normal float32), so
@@ -123,7 +170,7 @@ def _soft_half_bits_to_float(h):
 _TWO_112 = _f32(2.0 ** 112)
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def _soft_finite_half_bits_to_float(h):
     """float32 value of the bits h of a *finite* float16, in two operations: the bits moved into a float32's
     place scale it by 2^-112, undone by one exact multiplication (float16 subnormals pass through float32
@@ -181,7 +228,7 @@ else:
     _hw_half_to_float = _hw_float_to_half = None
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def half_bits_of_unit(p):
     """IEEE float16 bits of a float32 p in [0, 1], rounded to nearest even (as torch / numpy round)."""
     if HARDWARE_HALF:  # a compile-time constant to numba: one branch is compiled
@@ -189,7 +236,7 @@ def half_bits_of_unit(p):
     return _soft_half_bits_of_unit(p)
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def half_bits_to_float(h):
     """float32 value of the float16 whose bits are h (an integer); exact, NaN and Inf included."""
     if HARDWARE_HALF:
@@ -197,7 +244,7 @@ def half_bits_to_float(h):
     return _soft_half_bits_to_float(h)
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def finite_half_bits_to_float(h):
     """float32 value of the bits h of a *finite* float16 (the kernels' input, checked by the stream)."""
     if HARDWARE_HALF:
@@ -205,7 +252,7 @@ def finite_half_bits_to_float(h):
     return _soft_finite_half_bits_to_float(h)
 
 
-@_jit()
+@jit()
 def _finite_half_values(bits, out):
     for i in range(bits.shape[0]):
         out[i] = finite_half_bits_to_float(bits[i])
@@ -256,7 +303,7 @@ if njit is not None:
         return None
 
 
-@_jit(nogil=True)
+@jit(nogil=True)
 def half_to_float(src, dst):
     """dst = float32 values of the float16 bits `src` (uint16), both flat and of one length; returns how many
     are NaN or Inf."""
@@ -268,7 +315,7 @@ def half_to_float(src, dst):
     return bad
 
 
-@_jit(nogil=True)
+@jit(nogil=True)
 def count_nonfinite_half(src):
     """How many of the float16 bits `src` (uint16, flat) are NaN or Inf."""
     bad = 0
@@ -277,7 +324,7 @@ def count_nonfinite_half(src):
     return bad
 
 
-@_jit(nogil=True)
+@jit(nogil=True)
 def count_nonfinite_single(src):
     """How many of the float32 values `src` (flat) are NaN or Inf (from their bits)."""
     bits = src.view(np.uint32)
@@ -287,7 +334,7 @@ def count_nonfinite_single(src):
     return bad
 
 
-@_jit(nogil=True)
+@jit(nogil=True)
 def softmax_tiles(z, out, out_stride, out_offset, C, n, scale, half):
     """Softmax over classes of z, a flat C-contiguous (C, n) float32 array (or the uint16 bits of a float16
     one), of s * z (s = `scale` > 0).
@@ -330,7 +377,7 @@ def softmax_tiles(z, out, out_stride, out_offset, C, n, scale, half):
                     out[o + j] = e[q + j] * total[j]
 
 
-@_jit(nogil=True)
+@jit(nogil=True)
 def labels_and_valid_u8(stored, ignore, labels, valid):
     """uint8 labels as stored -> int64 labels (0 where ignored) and validity, in one pass; returns the largest
     label that is not the ignore value (-1 if none), for the caller's range check."""

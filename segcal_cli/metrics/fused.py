@@ -69,26 +69,12 @@ _i32 = np.int32
 _u64 = np.uint64  # unsigned indices: numba adds no negative-index wraparound
 
 # exp(x), x <= 0, is fastmath.exp_nonpositive (a degree-6 polynomial fitted for relative error, 2^n added to the
-# exponent bits; at most 0.9 ulp from float64 exp over [-87, 0], tests/test_metrics_fused.py asserts <= 2).
-# ln 2 in two parts for the log below: _LN2_HI with 9 significant bits (n * _LN2_HI exact).
-_LN2_HI = _f32(0.693359375)
-_LN2_LO_NEG = _f32(2.12194440e-4)
+# exponent bits; at most 0.9 ulp from float64 exp over [-87, 0], tests/test_metrics_fused.py asserts <= 2), and
+# log(x) fastmath.log_positive: one copy of each for every kernel.
 _ONE = _f32(1.0)
 _ZERO = _f32(0.0)
 _HALF = _f32(0.5)
 _TWO = _f32(2.0)
-
-# log(x), x normal and > 0 (Cephes logf): x = 2^e m, m in [sqrt(1/2), sqrt(2)), log(1 + f) by a polynomial.
-_SQRT_HALF = _f32(0.707106781186547524)
-_L0 = _f32(7.0376836292e-2)
-_L1 = _f32(-1.1514610310e-1)
-_L2 = _f32(1.1676998740e-1)
-_L3 = _f32(-1.2420140846e-1)
-_L4 = _f32(1.4249322787e-1)
-_L5 = _f32(-1.6668057665e-1)
-_L6 = _f32(2.0000714765e-1)
-_L7 = _f32(-2.4999993993e-1)
-_L8 = _f32(3.3333331174e-1)
 
 # adaptive.fine_bucket's constants
 _FINE_SHIFT = _i32(adaptive.SHIFT)
@@ -112,30 +98,7 @@ _FASTMATH = {"contract"}
 
 
 _exp_nonpositive = None  # fastmath.exp_nonpositive, bound by _load_numba (the kernels resolve it by name)
-
-
-def _log_positive(x):
-    """float32 log(x) for a positive normal x."""
-    bits = np.float32(x).view(np.int32)
-    e = _i32((bits >> _i32(23)) - _i32(126))
-    m = np.int32((bits & _i32(0x007FFFFF)) | _i32(0x3F000000)).view(np.float32)  # [1/2, 1)
-    small = m < _SQRT_HALF
-    f = (m + m - _ONE) if small else (m - _ONE)
-    ef = _f32(e - _i32(1)) if small else _f32(e)
-    z = f * f
-    y = _L0
-    y = y * f + _L1
-    y = y * f + _L2
-    y = y * f + _L3
-    y = y * f + _L4
-    y = y * f + _L5
-    y = y * f + _L6
-    y = y * f + _L7
-    y = y * f + _L8
-    y = y * f * z
-    y = y - ef * _LN2_LO_NEG
-    y = y - _HALF * z
-    return (f + y) + ef * _LN2_HI
+_log_positive = None  # fastmath.log_positive (Cephes logf), bound the same way
 
 
 def _bin_exact(c, table, B, rule):
@@ -446,16 +409,6 @@ _numba_error: Optional[str] = None
 _loaded = False
 
 
-def _jit(njit, fn, **options):
-    """njit with the on-disk cache when a cache directory is writable (numba raises at decoration time when
-    none is: then the kernel is compiled in every process instead)."""
-    options = dict(nogil=True, fastmath=_FASTMATH, error_model="numpy", boundscheck=False, **options)
-    try:
-        return njit(cache=True, **options)(fn)
-    except RuntimeError:
-        return njit(cache=False, **options)(fn)
-
-
 def _load_numba() -> Optional[str]:
     """Import numba and wrap the kernels (once per process); the error text when numba is not importable."""
     global accumulate, exp_array, log_array, _numba_error, _loaded
@@ -490,14 +443,15 @@ def _load_numba() -> Optional[str]:
                 return float16_tile
 
             # the helpers are module globals that the kernels' compilation resolves by name
+            from segcal_cli import fastmath
             from segcal_cli.fastmath import exp_nonpositive as _shared_exp
 
-            _exp_nonpositive = _shared_exp  # one exp for every kernel (already compiled inline="always")
-            _log_positive = njit(inline="always", fastmath=_FASTMATH, error_model="numpy")(_log_positive)
+            _exp_nonpositive = _shared_exp  # one exp and one log for every kernel (compiled inline="always")
+            _log_positive = fastmath.log_positive
             _bin_exact = njit(fastmath=_FASTMATH, error_model="numpy", boundscheck=False)(_bin_exact)
-            accumulate = _jit(njit, _accumulate)
-            exp_array = _jit(njit, _exp_array)
-            log_array = _jit(njit, _log_array)
+            accumulate = fastmath.jit(nogil=True)(_accumulate)
+            exp_array = fastmath.jit(nogil=True)(_exp_array)
+            log_array = fastmath.jit(nogil=True)(_log_array)
     except Exception as err:  # not installed, or a broken install: the eager path is used
         _numba_error = f"{type(err).__name__}: {err}"
     return _numba_error
