@@ -26,8 +26,10 @@ def setting(env_var: str = ENV_VAR) -> Optional[bool]:
     return None
 
 
-def wanted(values: int, env_var: str = ENV_VAR, min_values: int = MIN_VALUES) -> bool:
+def wanted(values: int, env_var: str = ENV_VAR, min_values: Optional[int] = None) -> bool:
     """Whether data of `values` stored values should use the kernels (before checking that numba works):
-    the switch `env_var` when set, else from `min_values` on."""
+    the switch `env_var` when set, else from `min_values` (default MIN_VALUES, read at the call) on."""
     chosen = setting(env_var)
-    return chosen if chosen is not None else values >= min_values
+    if chosen is not None:
+        return chosen
+    return values >= (MIN_VALUES if min_values is None else min_values)
