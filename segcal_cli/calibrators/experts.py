@@ -18,23 +18,22 @@ from segcal_cli.calibrators.base import Calibrator, Properties, compute_dtype, l
 from segcal_cli.errors import InputError
 
 
-def _expert_groups(experts: torch.Tensor, num_classes: int) -> List[Tuple[int, torch.Tensor]]:
-    """(k, voxel indices routed to k) for the experts present in the block."""
-    order = torch.sort(experts, stable=True)
-    counts = torch.bincount(experts, minlength=num_classes).tolist()
-    groups, start = [], 0
-    for k, count in enumerate(counts):
-        if count:
-            groups.append((k, order.indices[start : start + count]))
-        start += count
-    return groups
-
-
 def _sort_by_expert(experts: torch.Tensor, num_classes: int):
     """Permutation that makes each expert's voxels contiguous, and the per-expert counts (a CPU list)."""
     order = torch.sort(experts, stable=True).indices
     counts = torch.bincount(experts, minlength=num_classes).tolist()
     return order, counts
+
+
+def _expert_groups(experts: torch.Tensor, num_classes: int) -> List[Tuple[int, torch.Tensor]]:
+    """(k, voxel indices routed to k) for the experts present in the block."""
+    order, counts = _sort_by_expert(experts, num_classes)
+    groups, start = [], 0
+    for k, count in enumerate(counts):
+        if count:
+            groups.append((k, order[start : start + count]))
+        start += count
+    return groups
 
 
 def _counts_tensor(counts: List[int], device) -> torch.Tensor:
@@ -43,6 +42,17 @@ def _counts_tensor(counts: List[int], device) -> torch.Tensor:
 
 def _split(features: torch.Tensor, counts: torch.Tensor):
     return torch.split(features, counts.tolist(), dim=-1)
+
+
+def _per_expert_logits(params, features, finish) -> torch.Tensor:
+    """prepared_logits of every family here: prepared features (sorted by expert, with the counts) through
+    each expert's affine map, `finish` turning the mapped block into that family's logits."""
+    values, counts = features
+    parts = []
+    for k, block in enumerate(_split(values, counts)):
+        if block.shape[1]:
+            parts.append(finish(torch.addmm(params["bias"][k][:, None], params["weight"][k], block)))
+    return torch.cat(parts, dim=1)
 
 
 class ClassConditionalDirichlet(Calibrator):
@@ -93,12 +103,7 @@ class ClassConditionalDirichlet(Calibrator):
 
     @classmethod
     def prepared_logits(cls, params, features):
-        ell, counts = features
-        parts = []
-        for k, block in enumerate(_split(ell, counts)):
-            if block.shape[1]:
-                parts.append(torch.addmm(params["bias"][k][:, None], params["weight"][k], block))
-        return torch.cat(parts, dim=1)
+        return _per_expert_logits(params, features, lambda mapped: mapped)
 
 
 def _check_non_negative(name: str, params, where: str) -> None:
@@ -200,13 +205,9 @@ class ArgmaxPreservingExperts(_NonNegativeExperts):
 
     @classmethod
     def prepared_logits(cls, params, features):
-        margins, counts = features
-        parts = []
-        for k, block in enumerate(_split(margins, counts)):
-            if block.shape[1]:
-                new_margins = torch.addmm(params["bias"][k][:, None], params["weight"][k], block)
-                parts.append(torch.cat([new_margins.new_zeros(1, block.shape[1]), -new_margins], dim=0))
-        return torch.cat(parts, dim=1)
+        # the top class at 0, the competitors at minus their new margins
+        return _per_expert_logits(params, features, lambda new_margins: torch.cat(
+            [new_margins.new_zeros(1, new_margins.shape[1]), -new_margins], dim=0))
 
 
 class OrderPreservingExperts(_NonNegativeExperts):
@@ -245,10 +246,6 @@ class OrderPreservingExperts(_NonNegativeExperts):
 
     @classmethod
     def prepared_logits(cls, params, features):
-        gaps, counts = features
-        parts = []
-        for k, block in enumerate(_split(gaps, counts)):
-            if block.shape[1]:
-                new_gaps = torch.addmm(params["bias"][k][:, None], params["weight"][k], block)
-                parts.append(torch.cat([new_gaps.new_zeros(1, block.shape[1]), -torch.cumsum(new_gaps, dim=0)], dim=0))
-        return torch.cat(parts, dim=1)
+        # in rank order: the top at 0, each next one lower by the cumulated new gaps
+        return _per_expert_logits(params, features, lambda new_gaps: torch.cat(
+            [new_gaps.new_zeros(1, new_gaps.shape[1]), -torch.cumsum(new_gaps, dim=0)], dim=0))
