@@ -110,19 +110,12 @@ def sample_voxels(dataset, num_voxels: int, seed: int, progress: Optional[Callab
     as decision claims are about them (theory.md §4). Returns float64 logits (C, k) on the CPU; k <
     num_voxels only when the data holds fewer valid voxels.
     """
-    from segcal_cli.fitting.sampling import BottomKSampler, region_flat_index, voxel_keys
+    from segcal_cli.fitting.sampling import BottomKSampler, keyed_valid_voxels
 
     sampler = BottomKSampler(num_voxels)
-    for block in dataset.stream(with_labels=dataset.has_labels):
-        valid = block.valid
-        if bool(valid.any()):
-            case = dataset.cases[block.case_index]
-            flat = region_flat_index(block.region, case.spatial_shape, device=block.logits.device)
-            keys = voxel_keys(seed, block.case_index, flat)[valid]
-            logits = block.logits[:, valid]
-            sampler.add(logits, torch.zeros(logits.shape[1], dtype=torch.int64, device=logits.device), keys)
-        if progress is not None:
-            progress(block.num_voxels)
+    blocks = dataset.stream(with_labels=dataset.has_labels)
+    for _, logits, _, keys in keyed_valid_voxels(dataset, blocks, seed, progress):
+        sampler.add(logits, torch.zeros(logits.shape[1], dtype=torch.int64, device=logits.device), keys)
     logits, _, _ = sampler.result(dataset.num_classes)
     if logits.shape[1] == 0:
         raise InputError("no valid voxels to audit (every voxel is masked or ignored)")

@@ -26,7 +26,7 @@ from segcal_cli.fitting.objective import (
     mean_nll,
 )
 from segcal_cli.fitting.newton import EXPERT_FAMILIES, solve_experts
-from segcal_cli.fitting.sampling import SCHEME, BottomKSampler, region_flat_index, voxel_keys
+from segcal_cli.fitting.sampling import SCHEME, BottomKSampler, keyed_valid_voxels
 from segcal_cli.fitting.solvers import FTOL, SolverResult, solve_lbfgs, solve_temperature
 
 DEFAULT_MAX_VOXELS = 2_000_000
@@ -272,17 +272,9 @@ def fit_dataset(ds, options: FitOptions, on_voxels: Optional[Callable[[int], Non
         store = torch.float16 if _float16_exact(ds) else None  # half the sample's memory, same numbers
         fit_sampler, val_sampler = BottomKSampler(opts.max_voxels, store), BottomKSampler(opts.max_voxels, store)
         counter["passes"] += 1
-        for block in ds.stream():
-            if on_voxels is not None:
-                on_voxels(block.logits.shape[1])
-            valid = block.valid
-            if not bool(valid.any()):
-                continue
-            case = ds.cases[block.case_index]
-            flat = region_flat_index(block.region, case.spatial_shape, device=block.logits.device)
-            keys = voxel_keys(opts.seed, block.case_index, flat)[valid]
-            sampler = val_sampler if block.case_index in val_set else fit_sampler
-            sampler.add(block.logits[:, valid], block.labels[valid], keys)
+        for case_index, logits, labels, keys in keyed_valid_voxels(ds, ds.stream(), opts.seed, on_voxels):
+            sampler = val_sampler if case_index in val_set else fit_sampler
+            sampler.add(logits, labels, keys)
         fit_z, fit_y, threshold = fit_sampler.result(num_classes, device)
         valid_fit = fit_sampler.seen
         _check_enough(family, num_classes, int(fit_y.numel()), f"valid voxels in {len(fit_cases)} fit case(s)")

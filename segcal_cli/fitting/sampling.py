@@ -66,6 +66,23 @@ def region_flat_index(region: Sequence[slice], spatial_shape: Sequence[int], dev
     return flat
 
 
+def keyed_valid_voxels(dataset, blocks, seed: int, on_voxels=None):
+    """(case index, logits (C, v), labels (v,) or None, keys (v,)) of the valid voxels of each block that has
+    any, each voxel keyed by (seed, case index, flat position in its case) for a BottomKSampler.
+    `on_voxels(n)` is told every block's voxel count, valid or not."""
+    for block in blocks:
+        if on_voxels is not None:
+            on_voxels(block.num_voxels)
+        valid = block.valid
+        if not bool(valid.any()):
+            continue
+        case = dataset.cases[block.case_index]
+        flat = region_flat_index(block.region, case.spatial_shape, device=block.logits.device)
+        keys = voxel_keys(seed, block.case_index, flat)[valid]
+        labels = block.labels[valid] if block.labels is not None else None
+        yield block.case_index, block.logits[:, valid], labels, keys
+
+
 class BottomKSampler:
     """Keeps the k smallest-key voxels seen so far; memory bounded by about 2k voxels (and the copies of a
     prune). `store_dtype`: keep the logits in this dtype (float16 when they came from float16 storage, which
