@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from segcal_cli.errors import InputError
 from segcal_cli.metrics.preservation import PRESERVATION_KEYS
-from segcal_cli.metrics.state import BOUNDARY_METRICS, METRIC_NAMES
+from segcal_cli.metrics.state import BOUNDARY_METRICS, METRIC_NAMES, select_metrics
 
 OPERATORS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 _EXPR = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(<=|>=|<|>)\s*(\S+)\s*$")
@@ -160,7 +160,7 @@ def parse_metric_list(text: str | None) -> tuple[str, ...] | None:
         hint = " (use --boundary)" if any(n in BOUNDARY_METRICS for n in unknown) else ""
         raise InputError(f"--metrics: unknown metric(s) {', '.join(map(repr, unknown))}{hint}; known: "
                          f"{', '.join(METRIC_NAMES)}")
-    return tuple(n for n in METRIC_NAMES if n in names)
+    return select_metrics(names)
 
 
 def validate_class_indices(checks: list[Check], num_classes: int) -> None:

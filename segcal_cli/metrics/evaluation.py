@@ -144,7 +144,7 @@ class Evaluation:
         states = self._case(case_index)
         n = labels.shape[0]
         self.voxels_read += n
-        if self._fused is not None and self._fused_accepts(logits):
+        if self._fused is not None and fused.accepts(logits):
             self._add_block_fused(states, logits, labels, valid, distances)
         else:  # float16 as stored (a stream with keep_float16) is scored in float32, like the kernel does
             if logits.dtype == torch.float16:
@@ -153,10 +153,6 @@ class Evaluation:
         states.seen += n
         if states.seen >= self.case_voxels[case_index]:
             self._finish_case(case_index)
-
-    @staticmethod
-    def _fused_accepts(logits: torch.Tensor) -> bool:
-        return fused.accepts(logits)
 
     def _add_block_eager(self, states: _CaseStates, logits, labels, valid, distances) -> None:
         size = self.sub_block_voxels or SUB_BLOCK_VOXELS
@@ -194,7 +190,7 @@ class Evaluation:
             if self.calibrate is None:
                 continue
             g = self.calibrate(z.contiguous())
-            if self._fused_accepts(g):
+            if fused.accepts(g):
                 after_pred = torch.empty(y.shape[0], dtype=torch.int64)
                 kernel.add(states.calibrated, g, y, None if valid is None else valid[part], pred_out=after_pred)
                 if self._extras:
